@@ -1,0 +1,489 @@
+//! The decision core of pg_keeper_rs.
+//!
+//! This crate knows nothing of PostgreSQL, pgrx or libpq. The worker observes the world
+//! (recovery state, the replication view, a heartbeat to the peer), turns what it saw into an
+//! [`Input`] and asks [`Keeper::step`] what to do. The answer is a [`Decision`]: the next
+//! [`Mode`], the [`Action`]s to perform in order, and one plain sentence saying what was decided
+//! and why. Every legal move is a row of [`TRANSITIONS`]; a move that is not in the table does not
+//! happen. Every safety rule (when to switch to async, when a standby may promote) lives here.
+
+use std::fmt;
+
+/// What the keeper is doing. The process title, the log and the status all show this one value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// This node has not yet been matched to `node1_conninfo` or `node2_conninfo`.
+    Unidentified,
+    /// Primary, no standby has streamed since the keeper started.
+    MasterWaiting,
+    /// Primary, heartbeating a streaming standby.
+    MasterConnected,
+    /// Primary whose standby was lost (or which was just promoted): replication is asynchronous
+    /// and the keeper waits for a standby to stream again.
+    MasterAsync,
+    /// Standby that has not yet seen the primary answer since it started: failover is not armed.
+    StandbyWaiting,
+    /// Standby heartbeating a live primary: failover is armed.
+    StandbyConnected,
+    /// Standby that asked its server to promote and waits for recovery to end.
+    Promoting,
+}
+
+impl Mode {
+    /// The text shown in the process title inside `pg_keeper (...)`.
+    pub fn title(self) -> &'static str {
+        match self {
+            Mode::Unidentified => "starting",
+            Mode::MasterWaiting => "master mode",
+            Mode::MasterConnected => "master mode:connected",
+            Mode::MasterAsync => "master mode:async",
+            Mode::StandbyWaiting => "standby mode",
+            Mode::StandbyConnected => "standby mode:connected",
+            Mode::Promoting => "standby mode:promoting",
+        }
+    }
+
+    pub fn is_master(self) -> bool {
+        matches!(
+            self,
+            Mode::MasterWaiting | Mode::MasterConnected | Mode::MasterAsync
+        )
+    }
+
+    /// Whether the worker heartbeats the peer in this mode.
+    pub fn heartbeats(self) -> bool {
+        matches!(
+            self,
+            Mode::MasterConnected | Mode::StandbyWaiting | Mode::StandbyConnected
+        )
+    }
+
+    pub const ALL: [Mode; 7] = [
+        Mode::Unidentified,
+        Mode::MasterWaiting,
+        Mode::MasterConnected,
+        Mode::MasterAsync,
+        Mode::StandbyWaiting,
+        Mode::StandbyConnected,
+        Mode::Promoting,
+    ];
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.title())
+    }
+}
+
+/// The event that `after_command` is told about in `PG_KEEPER_EVENT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AfterEvent {
+    Promote,
+    Async,
+}
+
+impl AfterEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AfterEvent::Promote => "promote",
+            AfterEvent::Async => "async",
+        }
+    }
+}
+
+/// Something the worker must do, in the order given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Save `synchronous_standby_names`, set it to `''` the way ALTER SYSTEM does, and reload.
+    DegradeToAsync,
+    /// Ask this server to leave recovery.
+    Promote,
+    /// Start `pg_keeper.after_command` for this event (when one is set).
+    RunAfterCommand(AfterEvent),
+}
+
+/// How loudly a decision is logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Nothing new: not worth a line at the default log level.
+    Debug,
+    Log,
+    Warning,
+}
+
+/// What one heartbeat to the peer found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// The peer ran the heartbeat query.
+    Answered,
+    /// The peer answered but refused the session (too many clients, starting up, shutting down,
+    /// authentication failed). It is alive, so this never counts toward failover.
+    Refused(String),
+    /// No answer: refused or reset connection, timeout, or the deadline passed.
+    NoAnswer(String),
+}
+
+/// What the worker saw during one tick.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observation {
+    /// Monotonic clock, milliseconds.
+    pub now_ms: u64,
+    /// This server is in recovery (a standby).
+    pub in_recovery: bool,
+    /// `synchronous_standby_names` is not empty on this server.
+    pub sync_configured: bool,
+    /// (Primary only.) A standby is streaming and, when `synchronous_standby_names` is set, it is
+    /// a synchronous one.
+    pub standby_streaming: bool,
+    /// The heartbeat made this tick, if one was due.
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// One input to the core.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// The worker matched this server to one of the two conninfos.
+    Identified { in_recovery: bool },
+    /// The worker could not (yet) tell which node this server is.
+    IdentityProblem(String),
+    /// A tick's observations.
+    Tick(Observation),
+    /// An action of the last decision failed; the reason is for the log.
+    ActionFailed(Action, String),
+}
+
+/// The events the transition table is keyed on. The core derives exactly one from each input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Event {
+    IdentifiedAsMaster,
+    IdentifiedAsStandby,
+    IdentityProblem,
+    /// Nothing of interest this tick.
+    Idle,
+    StandbyStreaming,
+    HeartbeatOk,
+    HeartbeatRefused,
+    /// A failed heartbeat, below `keepalive_count`.
+    HeartbeatFailed,
+    /// `keepalive_count` consecutive failures with synchronous replication configured.
+    PeerLostSync,
+    /// `keepalive_count` consecutive failures with replication already asynchronous.
+    PeerLostAsync,
+    /// `keepalive_count` consecutive failures of the primary, seen by a standby.
+    PeerLost,
+    /// The primary has not answered yet since this standby started; failover is not armed.
+    PeerNotYetSeen,
+    RecoveryEnded,
+    PromotionSlow,
+    DegradeFailed,
+    PromoteFailed,
+    AfterCommandFailed,
+}
+
+/// One legal move.
+#[derive(Debug)]
+pub struct Transition {
+    pub from: Mode,
+    pub on: Event,
+    pub to: Mode,
+    pub actions: &'static [Action],
+    pub level: Level,
+    /// What the move means, the start of the sentence the log shows.
+    pub says: &'static str,
+}
+
+const fn row(
+    from: Mode,
+    on: Event,
+    to: Mode,
+    actions: &'static [Action],
+    level: Level,
+    says: &'static str,
+) -> Transition {
+    Transition {
+        from,
+        on,
+        to,
+        actions,
+        level,
+        says,
+    }
+}
+
+use Action::*;
+use Event as E;
+use Level::{Debug as Dbg, Log, Warning as Warn};
+use Mode::*;
+
+const ASYNC: &[Action] = &[DegradeToAsync, RunAfterCommand(AfterEvent::Async)];
+const PROMOTE: &[Action] = &[DegradeToAsync, Promote];
+const AFTER_PROMOTE: &[Action] = &[RunAfterCommand(AfterEvent::Promote)];
+const NONE: &[Action] = &[];
+
+/// Every legal move of the keeper. A (mode, event) pair that is not here leaves the mode as it is
+/// and does nothing.
+pub const TRANSITIONS: &[Transition] = &[
+    // Start-up: which node am I, and what is my server doing?
+    row(Unidentified, E::IdentifiedAsMaster, MasterWaiting, NONE, Log, "started in master mode as {me}; the peer is {peer}"),
+    row(Unidentified, E::IdentifiedAsStandby, StandbyWaiting, NONE, Log, "started in standby mode as {me}; the peer is {peer}"),
+    row(Unidentified, E::IdentityProblem, Unidentified, NONE, Warn, "cannot tell which node this server is"),
+    // Primary.
+    row(MasterWaiting, E::StandbyStreaming, MasterConnected, NONE, Log, "standby {peer} connected; heartbeating it"),
+    row(MasterAsync, E::StandbyStreaming, MasterConnected, NONE, Log, "standby {peer} connected again; heartbeating it"),
+    row(MasterConnected, E::HeartbeatOk, MasterConnected, NONE, Dbg, "standby {peer} answered"),
+    row(MasterConnected, E::HeartbeatRefused, MasterConnected, NONE, Warn, "standby {peer} is alive but refused the heartbeat; not counted as a failure"),
+    row(MasterConnected, E::HeartbeatFailed, MasterConnected, NONE, Log, "heartbeat to standby {peer} failed"),
+    row(MasterConnected, E::PeerLostSync, MasterAsync, ASYNC, Log, "standby {peer} lost; switching to asynchronous replication"),
+    row(MasterConnected, E::PeerLostAsync, MasterAsync, NONE, Log, "standby {peer} lost; replication is already asynchronous, nothing to switch"),
+    row(MasterAsync, E::DegradeFailed, MasterConnected, NONE, Warn, "could not switch to asynchronous replication; will retry"),
+    row(MasterAsync, E::AfterCommandFailed, MasterAsync, NONE, Warn, "could not start after_command"),
+    // Standby.
+    row(StandbyWaiting, E::HeartbeatOk, StandbyConnected, NONE, Log, "primary {peer} is alive; automatic failover is armed"),
+    row(StandbyWaiting, E::HeartbeatRefused, StandbyConnected, NONE, Warn, "primary {peer} is alive but refused the heartbeat; automatic failover is armed"),
+    row(StandbyWaiting, E::PeerNotYetSeen, StandbyWaiting, NONE, Log, "primary {peer} has not answered since this standby started; automatic failover is not armed until it does"),
+    row(StandbyConnected, E::HeartbeatOk, StandbyConnected, NONE, Dbg, "primary {peer} answered"),
+    row(StandbyConnected, E::HeartbeatRefused, StandbyConnected, NONE, Warn, "primary {peer} is alive but refused the heartbeat; not counted as a failure"),
+    row(StandbyConnected, E::HeartbeatFailed, StandbyConnected, NONE, Log, "heartbeat to primary {peer} failed"),
+    row(StandbyConnected, E::PeerLost, Promoting, PROMOTE, Log, "primary {peer} lost; promoting this standby"),
+    row(Promoting, E::DegradeFailed, Promoting, NONE, Warn, "could not switch to asynchronous replication before promotion; promoting anyway, commits may wait for a synchronous standby"),
+    row(Promoting, E::PromoteFailed, StandbyConnected, NONE, Warn, "promotion request failed; will retry"),
+    row(Promoting, E::PromotionSlow, Promoting, &[Promote], Warn, "server is still in recovery after the promotion request; asking again"),
+    row(Promoting, E::RecoveryEnded, MasterAsync, AFTER_PROMOTE, Log, "promoted: {me} is now the master and {peer} is regarded as the standby"),
+    row(Promoting, E::AfterCommandFailed, Promoting, NONE, Warn, "could not start after_command"),
+    // Promoted by someone else (pg_ctl promote, pg_promote()).
+    row(StandbyWaiting, E::RecoveryEnded, MasterWaiting, NONE, Log, "server was promoted outside pg_keeper; switching to master mode"),
+    row(StandbyConnected, E::RecoveryEnded, MasterWaiting, NONE, Log, "server was promoted outside pg_keeper; switching to master mode"),
+];
+
+/// Looks up the move for a mode and an event.
+pub fn transition(from: Mode, on: Event) -> Option<&'static Transition> {
+    TRANSITIONS.iter().find(|t| t.from == from && t.on == on)
+}
+
+/// Settings the core decides with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Consecutive failed heartbeats before acting (at least 1).
+    pub keepalive_count: u32,
+    /// How long a promotion may take before it is requested again.
+    pub promote_timeout_ms: u64,
+    /// How the log names this node and the peer, e.g. `node1 (10.0.0.1:5432)`.
+    pub me_name: String,
+    pub peer_name: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            keepalive_count: 1,
+            promote_timeout_ms: 60_000,
+            me_name: "this node".into(),
+            peer_name: "peer".into(),
+        }
+    }
+}
+
+/// The answer to one input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub from: Mode,
+    pub event: Event,
+    pub to: Mode,
+    pub actions: Vec<Action>,
+    pub level: Level,
+    /// One plain sentence: what was decided and why.
+    pub sentence: String,
+}
+
+impl Decision {
+    pub fn changed_mode(&self) -> bool {
+        self.from != self.to
+    }
+}
+
+/// The keeper's state between ticks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keeper {
+    mode: Mode,
+    /// Consecutive heartbeats without an answer.
+    failures: u32,
+    /// When the promotion was last requested.
+    promote_requested_at: Option<u64>,
+    /// The last "not armed" reason logged, so it is logged once per change.
+    last_waiting_reason: Option<String>,
+}
+
+impl Default for Keeper {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Keeper {
+    pub fn new() -> Self {
+        Keeper {
+            mode: Unidentified,
+            failures: 0,
+            promote_requested_at: None,
+            last_waiting_reason: None,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The text of the process title inside `pg_keeper (...)`.
+    pub fn title(&self) -> &'static str {
+        if self.mode == Unidentified && self.last_waiting_reason.is_some() {
+            "configuration error"
+        } else {
+            self.mode.title()
+        }
+    }
+
+    /// Consecutive failed heartbeats so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Derives the one event this input means in the current mode.
+    fn event_for(&self, input: &Input, s: &Settings) -> (Event, String) {
+        match input {
+            Input::Identified { in_recovery: false } => (E::IdentifiedAsMaster, String::new()),
+            Input::Identified { in_recovery: true } => (E::IdentifiedAsStandby, String::new()),
+            Input::IdentityProblem(why) => (E::IdentityProblem, why.clone()),
+            Input::ActionFailed(action, why) => {
+                let e = match action {
+                    DegradeToAsync => E::DegradeFailed,
+                    Promote => E::PromoteFailed,
+                    RunAfterCommand(_) => E::AfterCommandFailed,
+                };
+                (e, why.clone())
+            }
+            Input::Tick(obs) => self.event_for_tick(obs, s),
+        }
+    }
+
+    fn event_for_tick(&self, obs: &Observation, s: &Settings) -> (Event, String) {
+        let count = s.keepalive_count.max(1);
+        match self.mode {
+            Unidentified => (E::Idle, String::new()),
+            MasterWaiting | MasterAsync if obs.standby_streaming => {
+                (E::StandbyStreaming, String::new())
+            }
+            MasterWaiting | MasterAsync => (E::Idle, String::new()),
+            StandbyWaiting | StandbyConnected if !obs.in_recovery => {
+                (E::RecoveryEnded, String::new())
+            }
+            MasterConnected | StandbyWaiting | StandbyConnected => match &obs.heartbeat {
+                None => (E::Idle, String::new()),
+                Some(Heartbeat::Answered) => (E::HeartbeatOk, String::new()),
+                Some(Heartbeat::Refused(why)) => (E::HeartbeatRefused, why.clone()),
+                Some(Heartbeat::NoAnswer(why)) => {
+                    if self.mode == StandbyWaiting {
+                        return (E::PeerNotYetSeen, why.clone());
+                    }
+                    let n = self.failures + 1;
+                    let detail = format!("{} ({} of {})", why, n, count);
+                    if n < count {
+                        (E::HeartbeatFailed, detail)
+                    } else if self.mode == StandbyConnected {
+                        (E::PeerLost, detail)
+                    } else if obs.sync_configured {
+                        (E::PeerLostSync, detail)
+                    } else {
+                        (E::PeerLostAsync, detail)
+                    }
+                }
+            },
+            Promoting => {
+                if !obs.in_recovery {
+                    (E::RecoveryEnded, String::new())
+                } else {
+                    match self.promote_requested_at {
+                        Some(at) if obs.now_ms.saturating_sub(at) >= s.promote_timeout_ms => (
+                            E::PromotionSlow,
+                            format!("waited {} ms", obs.now_ms.saturating_sub(at)),
+                        ),
+                        _ => (E::Idle, String::new()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides what to do about one input, and moves to the next mode.
+    pub fn step(&mut self, input: &Input, s: &Settings) -> Decision {
+        let (event, detail) = self.event_for(input, s);
+        let from = self.mode;
+        let now = match input {
+            Input::Tick(obs) => Some(obs.now_ms),
+            _ => None,
+        };
+        let Some(t) = transition(from, event) else {
+            return Decision {
+                from,
+                event,
+                to: from,
+                actions: Vec::new(),
+                level: Dbg,
+                sentence: format!("no action: {}", from.title()),
+            };
+        };
+
+        // Bookkeeping that goes with the event.
+        match event {
+            E::HeartbeatOk | E::HeartbeatRefused => self.failures = 0,
+            E::HeartbeatFailed | E::PeerLost | E::PeerLostSync | E::PeerLostAsync => {
+                self.failures += 1
+            }
+            _ => {}
+        }
+        let mut level = t.level;
+        if matches!(event, E::PeerNotYetSeen | E::IdentityProblem) {
+            // Said once per distinct reason, then kept quiet.
+            if self.last_waiting_reason.as_deref() == Some(detail.as_str()) {
+                level = Dbg;
+            }
+            self.last_waiting_reason = Some(detail.clone());
+        }
+        if t.to != from {
+            // Counting starts afresh on entering a heartbeating mode, except when a failed action
+            // sends the keeper back: then the count is kept so that the next failure retries.
+            if t.to.heartbeats() && !matches!(event, E::DegradeFailed | E::PromoteFailed) {
+                self.failures = 0;
+            }
+            self.last_waiting_reason = None;
+        }
+        if t.actions.contains(&Promote) {
+            self.promote_requested_at = now.or(self.promote_requested_at);
+        }
+        self.mode = t.to;
+
+        let sentence = sentence_for(t, &detail, s);
+        Decision {
+            from,
+            event,
+            to: t.to,
+            actions: t.actions.to_vec(),
+            level,
+            sentence,
+        }
+    }
+}
+
+fn sentence_for(t: &Transition, detail: &str, s: &Settings) -> String {
+    let mut out = t
+        .says
+        .replace("{peer}", &s.peer_name)
+        .replace("{me}", &s.me_name);
+    if !detail.is_empty() {
+        out.push_str(": ");
+        out.push_str(detail);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

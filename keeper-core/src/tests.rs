@@ -1,0 +1,408 @@
+//! Scenario tests of the decision core: no server, milliseconds each.
+
+use super::*;
+
+fn settings(count: u32) -> Settings {
+    Settings {
+        keepalive_count: count,
+        promote_timeout_ms: 10_000,
+        me_name: "node1".into(),
+        peer_name: "node2".into(),
+    }
+}
+
+fn tick(now_ms: u64, in_recovery: bool, hb: Option<Heartbeat>) -> Input {
+    Input::Tick(Observation {
+        now_ms,
+        in_recovery,
+        sync_configured: true,
+        standby_streaming: true,
+        heartbeat: hb,
+    })
+}
+
+fn no_answer() -> Option<Heartbeat> {
+    Some(Heartbeat::NoAnswer("connection refused".into()))
+}
+
+fn master_connected(count: u32) -> (Keeper, Settings) {
+    let s = settings(count);
+    let mut k = Keeper::new();
+    k.step(&Input::Identified { in_recovery: false }, &s);
+    let d = k.step(&tick(0, false, None), &s);
+    assert_eq!(d.to, MasterConnected);
+    (k, s)
+}
+
+fn standby_connected(count: u32) -> (Keeper, Settings) {
+    let s = settings(count);
+    let mut k = Keeper::new();
+    k.step(&Input::Identified { in_recovery: true }, &s);
+    let d = k.step(&tick(0, true, Some(Heartbeat::Answered)), &s);
+    assert_eq!(d.to, StandbyConnected);
+    (k, s)
+}
+
+#[test]
+fn starts_in_the_mode_the_recovery_state_says() {
+    let s = settings(1);
+    let mut k = Keeper::new();
+    assert_eq!(k.mode(), Unidentified);
+    assert_eq!(
+        k.step(&Input::Identified { in_recovery: false }, &s).to,
+        MasterWaiting
+    );
+    let mut k = Keeper::new();
+    assert_eq!(
+        k.step(&Input::Identified { in_recovery: true }, &s).to,
+        StandbyWaiting
+    );
+}
+
+#[test]
+fn identity_problem_keeps_waiting_and_warns() {
+    let s = settings(1);
+    let mut k = Keeper::new();
+    let d = k.step(
+        &Input::IdentityProblem("neither conninfo reaches this server".into()),
+        &s,
+    );
+    assert_eq!(d.to, Unidentified);
+    assert_eq!(d.level, Level::Warning);
+    assert!(d.sentence.contains("neither conninfo"));
+    assert!(d.actions.is_empty());
+    assert_eq!(k.title(), "configuration error");
+    let again = k.step(
+        &Input::IdentityProblem("neither conninfo reaches this server".into()),
+        &s,
+    );
+    assert_eq!(again.level, Level::Debug, "the same problem is logged once");
+    let other = k.step(
+        &Input::IdentityProblem("node1_conninfo is not set".into()),
+        &s,
+    );
+    assert_eq!(other.level, Level::Warning, "a new problem is logged");
+    assert_eq!(
+        k.step(&Input::Identified { in_recovery: true }, &s).to,
+        StandbyWaiting
+    );
+    assert_eq!(k.title(), "standby mode");
+}
+
+#[test]
+fn master_waits_for_a_streaming_standby_before_heartbeating() {
+    let s = settings(1);
+    let mut k = Keeper::new();
+    k.step(&Input::Identified { in_recovery: false }, &s);
+    let quiet = Input::Tick(Observation {
+        now_ms: 0,
+        in_recovery: false,
+        sync_configured: true,
+        standby_streaming: false,
+        heartbeat: None,
+    });
+    assert_eq!(k.step(&quiet, &s).to, MasterWaiting);
+    assert!(!MasterWaiting.heartbeats());
+    let d = k.step(&tick(1, false, None), &s);
+    assert_eq!(d.to, MasterConnected);
+    assert!(d.sentence.contains("node2 connected"), "{}", d.sentence);
+}
+
+#[test]
+fn master_switches_to_async_after_count_consecutive_failures_then_runs_after_command() {
+    let (mut k, s) = master_connected(3);
+    for n in 1..=2 {
+        let d = k.step(&tick(n * 1000, false, no_answer()), &s);
+        assert_eq!(d.to, MasterConnected);
+        assert!(d.actions.is_empty());
+        assert!(
+            d.sentence.contains(&format!("({n} of 3)")),
+            "{}",
+            d.sentence
+        );
+    }
+    let d = k.step(&tick(3000, false, no_answer()), &s);
+    assert_eq!(d.to, MasterAsync);
+    assert_eq!(
+        d.actions,
+        vec![DegradeToAsync, RunAfterCommand(AfterEvent::Async)]
+    );
+    assert!(d.sentence.contains("(3 of 3)"));
+    assert_eq!(MasterAsync.title(), "master mode:async");
+}
+
+#[test]
+fn an_answer_resets_the_count() {
+    let (mut k, s) = master_connected(2);
+    k.step(&tick(1, false, no_answer()), &s);
+    assert_eq!(k.failures(), 1);
+    k.step(&tick(2, false, Some(Heartbeat::Answered)), &s);
+    assert_eq!(k.failures(), 0);
+    let d = k.step(&tick(3, false, no_answer()), &s);
+    assert_eq!(
+        d.to, MasterConnected,
+        "one failure after an answer is not two in a row"
+    );
+}
+
+#[test]
+fn a_peer_that_answers_but_refuses_is_alive() {
+    let (mut k, s) = standby_connected(1);
+    for n in 0..10 {
+        let d = k.step(
+            &tick(n, true, Some(Heartbeat::Refused("too many clients".into()))),
+            &s,
+        );
+        assert_eq!(d.to, StandbyConnected);
+        assert!(d.actions.is_empty());
+        assert_eq!(d.level, Level::Warning);
+    }
+    assert_eq!(k.failures(), 0);
+}
+
+#[test]
+fn losing_the_standby_with_async_replication_switches_nothing() {
+    let (mut k, s) = master_connected(1);
+    let input = Input::Tick(Observation {
+        now_ms: 5,
+        in_recovery: false,
+        sync_configured: false,
+        standby_streaming: false,
+        heartbeat: no_answer(),
+    });
+    let d = k.step(&input, &s);
+    assert_eq!(d.event, Event::PeerLostAsync);
+    assert_eq!(d.to, MasterAsync);
+    assert!(
+        d.actions.is_empty(),
+        "nothing switched, so after_command does not run"
+    );
+}
+
+#[test]
+fn failed_degrade_is_retried_on_the_next_failed_heartbeat() {
+    let (mut k, s) = master_connected(2);
+    k.step(&tick(1, false, no_answer()), &s);
+    let d = k.step(&tick(2, false, no_answer()), &s);
+    assert_eq!(d.to, MasterAsync);
+    let d = k.step(
+        &Input::ActionFailed(DegradeToAsync, "could not write file".into()),
+        &s,
+    );
+    assert_eq!(d.to, MasterConnected);
+    assert_eq!(d.level, Level::Warning);
+    let d = k.step(&tick(3, false, no_answer()), &s);
+    assert_eq!(
+        d.to, MasterAsync,
+        "retries at once, without another full count"
+    );
+    assert!(d.actions.contains(&DegradeToAsync));
+}
+
+#[test]
+fn standby_reconnecting_after_async_is_heartbeated_again() {
+    let (mut k, s) = master_connected(1);
+    k.step(&tick(1, false, no_answer()), &s);
+    assert_eq!(k.mode(), MasterAsync);
+    let d = k.step(&tick(2, false, None), &s);
+    assert_eq!(d.to, MasterConnected);
+    assert_eq!(k.failures(), 0);
+}
+
+#[test]
+fn standby_promotes_after_count_failures_and_becomes_master_when_recovery_ends() {
+    let (mut k, s) = standby_connected(2);
+    assert_eq!(
+        k.step(&tick(1000, true, no_answer()), &s).to,
+        StandbyConnected
+    );
+    let d = k.step(&tick(2000, true, no_answer()), &s);
+    assert_eq!(d.to, Promoting);
+    assert_eq!(d.actions, vec![DegradeToAsync, Promote]);
+    // Still in recovery a moment later: nothing new.
+    let d = k.step(&tick(2100, true, None), &s);
+    assert_eq!(d.to, Promoting);
+    assert!(d.actions.is_empty());
+    let d = k.step(&tick(2300, false, None), &s);
+    assert_eq!(d.to, MasterAsync);
+    assert_eq!(d.actions, vec![RunAfterCommand(AfterEvent::Promote)]);
+    assert!(
+        d.sentence
+            .contains("node1 is now the master and node2 is regarded as the standby"),
+        "{}",
+        d.sentence
+    );
+}
+
+#[test]
+fn a_standby_that_never_saw_the_primary_does_not_promote() {
+    let s = settings(1);
+    let mut k = Keeper::new();
+    k.step(&Input::Identified { in_recovery: true }, &s);
+    let first = k.step(&tick(0, true, no_answer()), &s);
+    assert_eq!(first.level, Level::Log);
+    for n in 1..100 {
+        let d = k.step(&tick(n * 1000, true, no_answer()), &s);
+        assert_eq!(d.to, StandbyWaiting);
+        assert!(d.actions.is_empty());
+        assert_eq!(d.level, Level::Debug, "the same reason is logged once");
+    }
+    assert_eq!(
+        k.step(&tick(200_000, true, Some(Heartbeat::Answered)), &s)
+            .to,
+        StandbyConnected
+    );
+    assert_eq!(k.step(&tick(201_000, true, no_answer()), &s).to, Promoting);
+}
+
+#[test]
+fn slow_promotion_is_requested_again_and_failed_promotion_retries() {
+    let (mut k, s) = standby_connected(1);
+    k.step(&tick(0, true, no_answer()), &s);
+    assert_eq!(k.step(&tick(5_000, true, None), &s).actions, vec![]);
+    let d = k.step(&tick(10_000, true, None), &s);
+    assert_eq!(d.event, Event::PromotionSlow);
+    assert_eq!(d.actions, vec![Promote]);
+    // The clock restarts with the new request.
+    assert_eq!(k.step(&tick(15_000, true, None), &s).actions, vec![]);
+    let d = k.step(
+        &Input::ActionFailed(Promote, "could not write file".into()),
+        &s,
+    );
+    assert_eq!(d.to, StandbyConnected);
+    let d = k.step(&tick(16_000, true, no_answer()), &s);
+    assert_eq!(
+        d.to, Promoting,
+        "the count was kept, so the next failure promotes"
+    );
+}
+
+#[test]
+fn promotion_by_someone_else_switches_to_master_without_after_command() {
+    let (mut k, s) = standby_connected(3);
+    let d = k.step(&tick(1, false, Some(Heartbeat::Answered)), &s);
+    assert_eq!(d.to, MasterWaiting);
+    assert!(d.actions.is_empty());
+}
+
+#[test]
+fn every_mode_has_a_distinct_title_that_names_its_role() {
+    let mut seen = std::collections::HashSet::new();
+    for m in Mode::ALL {
+        assert!(seen.insert(m.title()), "duplicate title {}", m.title());
+        if m.is_master() {
+            assert!(m.title().starts_with("master mode"));
+        }
+    }
+    assert_eq!(MasterWaiting.title(), "master mode");
+    assert_eq!(MasterConnected.title(), "master mode:connected");
+    assert_eq!(StandbyConnected.title(), "standby mode:connected");
+}
+
+#[test]
+fn the_table_has_one_row_per_mode_and_event() {
+    for (i, a) in TRANSITIONS.iter().enumerate() {
+        for b in &TRANSITIONS[i + 1..] {
+            assert!(
+                !(a.from == b.from && a.on == b.on),
+                "two rows for {:?} on {:?}",
+                a.from,
+                a.on
+            );
+        }
+    }
+}
+
+#[test]
+fn only_a_lost_peer_can_promote_or_degrade() {
+    for t in TRANSITIONS {
+        if t.actions.contains(&Promote) {
+            assert!(
+                matches!(t.on, Event::PeerLost | Event::PromotionSlow),
+                "{t:?}"
+            );
+            assert!(matches!(t.from, StandbyConnected | Promoting), "{t:?}");
+        }
+        if t.actions.contains(&DegradeToAsync) {
+            assert!(
+                matches!(t.on, Event::PeerLost | Event::PeerLostSync),
+                "{t:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn after_command_follows_the_action_it_reports() {
+    for t in TRANSITIONS {
+        for (i, a) in t.actions.iter().enumerate() {
+            if *a == RunAfterCommand(AfterEvent::Async) {
+                assert!(t.actions[..i].contains(&DegradeToAsync), "{t:?}");
+            }
+            if *a == RunAfterCommand(AfterEvent::Promote) {
+                assert_eq!(t.from, Promoting);
+                assert_eq!(t.on, Event::RecoveryEnded);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_row_is_reachable_from_some_input() {
+    // Drive the keeper through a broad set of inputs from each mode and record which rows fire.
+    let mut fired = std::collections::HashSet::new();
+    let heartbeats = [
+        None,
+        Some(Heartbeat::Answered),
+        Some(Heartbeat::Refused("x".into())),
+        Some(Heartbeat::NoAnswer("y".into())),
+    ];
+    let mut inputs = vec![
+        Input::Identified { in_recovery: false },
+        Input::Identified { in_recovery: true },
+        Input::IdentityProblem("z".into()),
+        Input::ActionFailed(DegradeToAsync, "a".into()),
+        Input::ActionFailed(Promote, "b".into()),
+        Input::ActionFailed(RunAfterCommand(AfterEvent::Async), "c".into()),
+    ];
+    for hb in &heartbeats {
+        for in_recovery in [false, true] {
+            for sync_configured in [false, true] {
+                for standby_streaming in [false, true] {
+                    for now_ms in [0, 1_000_000] {
+                        inputs.push(Input::Tick(Observation {
+                            now_ms,
+                            in_recovery,
+                            sync_configured,
+                            standby_streaming,
+                            heartbeat: hb.clone(),
+                        }));
+                    }
+                }
+            }
+        }
+    }
+    for count in [1, 2] {
+        let s = settings(count);
+        for mode in Mode::ALL {
+            for input in &inputs {
+                let mut k = Keeper {
+                    mode,
+                    failures: 0,
+                    promote_requested_at: Some(0),
+                    last_waiting_reason: None,
+                };
+                let d = k.step(input, &s);
+                fired.insert((d.from, d.event));
+            }
+        }
+    }
+    for t in TRANSITIONS {
+        assert!(
+            fired.contains(&(t.from, t.on)),
+            "row never fires: {:?} on {:?}",
+            t.from,
+            t.on
+        );
+    }
+}

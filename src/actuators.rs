@@ -1,0 +1,70 @@
+//! The two things the keeper does to its own server: switch replication to asynchronous, and
+//! promote. Each reports failure as a reason; neither can end the worker.
+
+use std::path::PathBuf;
+
+use pgrx::pg_sys;
+
+use crate::db;
+use crate::sys;
+
+/// What a switch to asynchronous replication changed.
+pub enum Degraded {
+    /// `synchronous_standby_names` was cleared; the old value is kept for a later restore.
+    Switched { previous: String },
+    /// It was already empty: nothing to do.
+    AlreadyAsync,
+}
+
+/// Saves `synchronous_standby_names` in `pg_keeper.saved_synchronous_standby_names`, sets it to
+/// `''` (both with ALTER SYSTEM, so it survives a restart) and reloads, which releases every
+/// commit waiting for the lost standby.
+pub fn degrade_to_async() -> Result<Degraded, String> {
+    let previous = db::setting(c"synchronous_standby_names");
+    if previous.trim().is_empty() {
+        return Ok(Degraded::AlreadyAsync);
+    }
+    db::alter_system("pg_keeper.saved_synchronous_standby_names", &previous)?;
+    db::alter_system("synchronous_standby_names", "")?;
+    db::reload_configuration()?;
+    Ok(Degraded::Switched { previous })
+}
+
+/// Requests promotion the way `pg_promote()` does: the `promote` signal file in the data
+/// directory, then SIGUSR1 to the postmaster.
+pub fn promote() -> Result<(), String> {
+    // SAFETY: DataDir and PostmasterPid are set before any worker starts.
+    let (data_dir, postmaster) = unsafe {
+        (
+            std::ffi::CStr::from_ptr(pg_sys::DataDir)
+                .to_string_lossy()
+                .into_owned(),
+            pg_sys::PostmasterPid,
+        )
+    };
+    let file = PathBuf::from(data_dir).join("promote");
+    std::fs::write(&file, b"")
+        .map_err(|e| format!("could not create \"{}\": {e}", file.display()))?;
+    sys::signal(postmaster, sys::SIGUSR1)
+        .map_err(|e| format!("could not signal the postmaster: {e}"))
+}
+
+/// Whether this server is still in recovery (a standby).
+pub fn in_recovery() -> bool {
+    // SAFETY: reads shared memory state; no transaction needed.
+    unsafe { pg_sys::RecoveryInProgress() }
+}
+
+/// The timeline this server writes (primary) or replays (standby).
+pub fn timeline() -> u32 {
+    // SAFETY: both read shared memory state.
+    unsafe {
+        if pg_sys::RecoveryInProgress() {
+            let mut tli: pg_sys::TimeLineID = 0;
+            pg_sys::GetXLogReplayRecPtr(&mut tli);
+            tli
+        } else {
+            pg_sys::GetWALInsertionTimeLine()
+        }
+    }
+}

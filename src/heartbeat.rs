@@ -1,0 +1,331 @@
+//! The heartbeat: one query to a node over libpq, bounded by a deadline.
+//!
+//! libpq is used in non-blocking mode only (`PQconnectStartParams` + `PQconnectPoll`,
+//! `PQsendQuery` + `PQconsumeInput`), and every wait is a `WaitLatchOrSocket` with the time left
+//! before the deadline, so a peer that swallows packets never holds the worker past the deadline
+//! and SIGTERM is honoured at once. The connection is kept between beats and dropped after any
+//! failure.
+
+use std::ffi::{c_char, CStr, CString};
+use std::time::Instant;
+
+use libpq_sys as pq;
+use pgrx::pg_sys;
+
+use keeper_core::Heartbeat;
+
+/// What the node said about itself when it answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub in_recovery: bool,
+    /// `pg_postmaster_start_time()` in microseconds since the Unix epoch.
+    pub started_at_us: i64,
+    pub port: i32,
+}
+
+/// The outcome of one beat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Beat {
+    Answered(NodeFacts),
+    /// The node answered but refused: alive, not a failure.
+    Refused(String),
+    /// No answer before the deadline, or the connection was refused or reset.
+    NoAnswer(String),
+    /// The worker was asked to stop while waiting.
+    Interrupted,
+}
+
+impl Beat {
+    /// The part of the beat the decision core looks at.
+    pub fn for_core(&self) -> Option<Heartbeat> {
+        match self {
+            Beat::Answered(_) => Some(Heartbeat::Answered),
+            Beat::Refused(why) => Some(Heartbeat::Refused(why.clone())),
+            Beat::NoAnswer(why) => Some(Heartbeat::NoAnswer(why.clone())),
+            Beat::Interrupted => None,
+        }
+    }
+}
+
+const HEARTBEAT_SQL: &CStr = c"SELECT pg_catalog.pg_is_in_recovery(), \
+    (extract(epoch FROM pg_catalog.pg_postmaster_start_time()) * 1000000)::int8, \
+    pg_catalog.current_setting('port')::int4";
+
+/// Server answers that mean "alive, but not letting you in right now". libpq reports a server's
+/// refusal with the server's severity (`FATAL:`); the phrases cover servers that answer in
+/// English with another severity wording.
+const ALIVE_PHRASES: &[&str] = &[
+    "FATAL:",
+    "too many clients",
+    "remaining connection slots are reserved",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "the database system is not accepting connections",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",
+];
+
+fn classify_connect_failure(message: &str) -> Beat {
+    if ALIVE_PHRASES.iter().any(|p| message.contains(p)) {
+        Beat::Refused(message.to_string())
+    } else {
+        Beat::NoAnswer(message.to_string())
+    }
+}
+
+/// Whether the worker has been asked to stop (pgrx's SIGTERM handler sets this flag).
+pub fn shutdown_requested() -> bool {
+    // SAFETY: a sig_atomic_t written by the signal handler.
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
+enum Wait {
+    Ready,
+    Deadline,
+    Interrupted,
+}
+
+/// Waits until `sock` is ready for `events`, the deadline passes, or SIGTERM arrives.
+fn wait_socket(sock: i32, events: u32, deadline: Instant) -> Wait {
+    loop {
+        if shutdown_requested() {
+            return Wait::Interrupted;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Wait::Deadline;
+        }
+        let timeout_ms =
+            (deadline - now).as_millis().clamp(1, i64::MAX as u128) as std::ffi::c_long;
+        // SAFETY: MyLatch is this process's latch; the socket belongs to a live PGconn.
+        let rc = unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | events | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                    as i32,
+                sock as pg_sys::pgsocket,
+                timeout_ms,
+                pg_sys::PG_WAIT_EXTENSION,
+            )
+        };
+        if rc & pg_sys::WL_LATCH_SET as i32 != 0 {
+            unsafe { pg_sys::ResetLatch(pg_sys::MyLatch) };
+        }
+        if rc & (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE) as i32 != 0 {
+            return Wait::Ready;
+        }
+    }
+}
+
+/// A node the worker heartbeats, with the connection kept between beats.
+pub struct Node {
+    conninfo: CString,
+    conn: *mut pq::PGconn,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
+fn error_message(conn: *const pq::PGconn) -> String {
+    // SAFETY: PQerrorMessage returns a string owned by the connection.
+    let raw = unsafe { CStr::from_ptr(pq::PQerrorMessage(conn)) }.to_string_lossy();
+    let text = raw
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    if text.is_empty() {
+        "connection lost".into()
+    } else {
+        text
+    }
+}
+
+impl Node {
+    pub fn new(conninfo: &str) -> Node {
+        Node {
+            conninfo: CString::new(conninfo).unwrap_or_default(),
+            conn: std::ptr::null_mut(),
+        }
+    }
+
+    pub fn disconnect(&mut self) {
+        if !self.conn.is_null() {
+            // SAFETY: the connection was made by PQconnectStartParams and is finished once.
+            unsafe { pq::PQfinish(self.conn) };
+            self.conn = std::ptr::null_mut();
+        }
+    }
+
+    /// Opens a connection, polling it until it is made or the deadline passes.
+    fn connect(&mut self, deadline: Instant) -> Result<(), Beat> {
+        self.disconnect();
+        let keywords: [*const c_char; 3] = [
+            c"dbname".as_ptr(),
+            c"fallback_application_name".as_ptr(),
+            std::ptr::null(),
+        ];
+        let values: [*const c_char; 3] = [
+            self.conninfo.as_ptr(),
+            c"pg_keeper".as_ptr(),
+            std::ptr::null(),
+        ];
+        // SAFETY: the arrays are NULL-terminated and outlive the call.
+        let conn = unsafe { pq::PQconnectStartParams(keywords.as_ptr(), values.as_ptr(), 1) };
+        if conn.is_null() {
+            return Err(Beat::NoAnswer("out of memory starting a connection".into()));
+        }
+        self.conn = conn;
+        if unsafe { pq::PQstatus(conn) } == pq::ConnStatusType::CONNECTION_BAD {
+            let why = error_message(conn);
+            self.disconnect();
+            return Err(classify_connect_failure(&why));
+        }
+        let mut poll = pq::PostgresPollingStatusType::PGRES_POLLING_WRITING;
+        loop {
+            let events = match poll {
+                pq::PostgresPollingStatusType::PGRES_POLLING_OK => break,
+                pq::PostgresPollingStatusType::PGRES_POLLING_FAILED => {
+                    let why = error_message(conn);
+                    self.disconnect();
+                    return Err(classify_connect_failure(&why));
+                }
+                pq::PostgresPollingStatusType::PGRES_POLLING_READING => pg_sys::WL_SOCKET_READABLE,
+                _ => pg_sys::WL_SOCKET_WRITEABLE,
+            };
+            let sock = unsafe { pq::PQsocket(conn) };
+            match wait_socket(sock, events, deadline) {
+                Wait::Ready => {}
+                Wait::Deadline => {
+                    self.disconnect();
+                    return Err(Beat::NoAnswer(
+                        "no answer to the connection attempt before the deadline".into(),
+                    ));
+                }
+                Wait::Interrupted => {
+                    self.disconnect();
+                    return Err(Beat::Interrupted);
+                }
+            }
+            poll = unsafe { pq::PQconnectPoll(conn) };
+        }
+        unsafe { pq::PQsetnonblocking(conn, 1) };
+        Ok(())
+    }
+
+    /// Sends the heartbeat query on the open connection and reads its answer.
+    fn query(&mut self, deadline: Instant) -> Beat {
+        let conn = self.conn;
+        if unsafe { pq::PQsendQuery(conn, HEARTBEAT_SQL.as_ptr()) } == 0 {
+            return Beat::NoAnswer(error_message(conn));
+        }
+        let sock = unsafe { pq::PQsocket(conn) };
+        // Flush the query out.
+        loop {
+            match unsafe { pq::PQflush(conn) } {
+                0 => break,
+                1 => match wait_socket(sock, pg_sys::WL_SOCKET_WRITEABLE, deadline) {
+                    Wait::Ready => {}
+                    Wait::Deadline => {
+                        return Beat::NoAnswer(
+                            "no answer to the heartbeat before the deadline".into(),
+                        )
+                    }
+                    Wait::Interrupted => return Beat::Interrupted,
+                },
+                _ => return Beat::NoAnswer(error_message(conn)),
+            }
+        }
+        // Wait for the whole answer.
+        while unsafe { pq::PQisBusy(conn) } != 0 {
+            match wait_socket(sock, pg_sys::WL_SOCKET_READABLE, deadline) {
+                Wait::Ready => {}
+                Wait::Deadline => {
+                    return Beat::NoAnswer("no answer to the heartbeat before the deadline".into())
+                }
+                Wait::Interrupted => return Beat::Interrupted,
+            }
+            if unsafe { pq::PQconsumeInput(conn) } == 0 {
+                return Beat::NoAnswer(error_message(conn));
+            }
+        }
+        let mut outcome = Beat::NoAnswer("empty answer to the heartbeat".into());
+        loop {
+            let res = unsafe { pq::PQgetResult(conn) };
+            if res.is_null() {
+                break;
+            }
+            if matches!(outcome, Beat::NoAnswer(_)) {
+                outcome = read_facts(res);
+            }
+            unsafe { pq::PQclear(res) };
+        }
+        if unsafe { pq::PQstatus(conn) } == pq::ConnStatusType::CONNECTION_BAD {
+            return Beat::NoAnswer(error_message(conn));
+        }
+        outcome
+    }
+
+    /// One heartbeat: reuse the connection if there is one, else connect; anything but an answer
+    /// drops the connection. A kept connection that turns out broken is replaced by a fresh one
+    /// within the same deadline, so a restarted node is not mistaken for a dead one.
+    pub fn beat(&mut self, deadline: Instant) -> Beat {
+        let reused = !self.conn.is_null();
+        if !reused {
+            if let Err(beat) = self.connect(deadline) {
+                return beat;
+            }
+        }
+        let mut beat = self.query(deadline);
+        if reused && matches!(beat, Beat::NoAnswer(_)) && Instant::now() < deadline {
+            let deadline_passed = matches!(&beat, Beat::NoAnswer(w) if w.contains("deadline"));
+            if !deadline_passed {
+                beat = match self.connect(deadline) {
+                    Ok(()) => self.query(deadline),
+                    Err(b) => b,
+                };
+            }
+        }
+        if !matches!(beat, Beat::Answered(_)) {
+            self.disconnect();
+        }
+        beat
+    }
+}
+
+fn read_facts(res: *mut pq::PGresult) -> Beat {
+    unsafe {
+        match pq::PQresultStatus(res) {
+            pq::ExecStatusType::PGRES_TUPLES_OK
+                if pq::PQntuples(res) == 1 && pq::PQnfields(res) == 3 =>
+            {
+                let field = |i: i32| {
+                    CStr::from_ptr(pq::PQgetvalue(res, 0, i))
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                let in_recovery = field(0) == "t";
+                match (field(1).parse::<i64>(), field(2).parse::<i32>()) {
+                    (Ok(started_at_us), Ok(port)) => Beat::Answered(NodeFacts {
+                        in_recovery,
+                        started_at_us,
+                        port,
+                    }),
+                    _ => Beat::Refused("the heartbeat answer could not be read".into()),
+                }
+            }
+            _ => {
+                let msg = CStr::from_ptr(pq::PQresultErrorMessage(res)).to_string_lossy();
+                // The server ran something and answered with an error: it is alive.
+                Beat::Refused(format!("heartbeat query failed: {}", msg.trim()))
+            }
+        }
+    }
+}

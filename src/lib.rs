@@ -1,0 +1,61 @@
+//! pg_keeper_rs: automatic failover for a PostgreSQL primary/standby pair, from a background
+//! worker loaded with `shared_preload_libraries`.
+//!
+//! The decision logic is the `keeper-core` crate (pure, no I/O); this crate is the shell around
+//! it: settings, the heartbeat over libpq, the actions on the server, and the worker loop.
+
+use std::time::Duration;
+
+use pgrx::bgworkers::{BackgroundWorkerBuilder, BgWorkerStartTime};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+mod actuators;
+mod after_command;
+mod conninfo;
+mod db;
+mod heartbeat;
+mod identity;
+mod settings;
+mod sys;
+mod worker;
+
+::pgrx::pg_module_magic!();
+
+/// How soon the postmaster restarts the worker if it ever exits with an error.
+const WORKER_RESTART: Duration = Duration::from_secs(1);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::register();
+    // SAFETY: a plain global of the postmaster.
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        warning!(
+            "pg_keeper_rs must be loaded with shared_preload_libraries to protect this server"
+        );
+        return;
+    }
+    BackgroundWorkerBuilder::new("pg_keeper")
+        .set_type("pg_keeper")
+        .set_library("pg_keeper_rs")
+        .set_function("pg_keeper_main")
+        .enable_spi_access()
+        // enable_spi_access() alone would never start the worker on a standby.
+        .set_start_time(BgWorkerStartTime::ConsistentState)
+        .set_restart_time(Some(WORKER_RESTART))
+        .load();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

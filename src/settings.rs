@@ -1,0 +1,275 @@
+//! The `pg_keeper.*` settings: each declared once here, registered in `_PG_init`, validated when
+//! set, and read by the worker as one [`Settings`] snapshot after each reload.
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::time::Duration;
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::conninfo;
+
+/// Default interval between heartbeats, in seconds.
+pub const DEFAULT_KEEPALIVE_TIME_S: f64 = 5.0;
+/// The shortest interval accepted, in seconds.
+pub const MIN_KEEPALIVE_TIME_S: f64 = 0.1;
+const MAX_KEEPALIVE_TIME_S: f64 = 86_400.0;
+
+pub static NODE1_CONNINFO: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static NODE2_CONNINFO: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static KEEPALIVE_TIME: GucSetting<f64> = GucSetting::<f64>::new(DEFAULT_KEEPALIVE_TIME_S);
+pub static KEEPALIVE_COUNT: GucSetting<i32> = GucSetting::<i32>::new(1);
+/// The original C spellings; 0 means "not set".
+pub static KEEPALIVES_TIME: GucSetting<f64> = GucSetting::<f64>::new(0.0);
+pub static KEEPALIVES_COUNT: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static AFTER_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static AFTER_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Written by the keeper (through ALTER SYSTEM) when it switches to asynchronous replication:
+/// the `synchronous_standby_names` that was in force before.
+pub static SAVED_SYNC_NAMES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Keeps a setting out of postgresql.conf.sample (pgrx has no name for this flag).
+fn not_in_sample() -> GucFlags {
+    GucFlags::from_bits_retain(pg_sys::GUC_NOT_IN_SAMPLE as i32)
+}
+
+/// Registers every setting. Called once from `_PG_init`.
+pub fn register() {
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"pg_keeper.node1_conninfo",
+            c"Connection string of the node that is the master first.",
+            c"Both servers carry the same value; each works out which node it is itself.",
+            &NODE1_CONNINFO,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY,
+            Some(check_conninfo),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"pg_keeper.node2_conninfo",
+            c"Connection string of the node that is the standby first.",
+            c"Both servers carry the same value; each works out which node it is itself.",
+            &NODE2_CONNINFO,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY,
+            Some(check_conninfo),
+            None,
+            None,
+        );
+    }
+    GucRegistry::define_float_guc(
+        c"pg_keeper.keepalive_time",
+        c"Interval between heartbeats to the peer.",
+        c"A plain number is seconds; units work ('500ms', '2s'). Each heartbeat must answer within this time.",
+        &KEEPALIVE_TIME,
+        MIN_KEEPALIVE_TIME_S,
+        MAX_KEEPALIVE_TIME_S,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_keeper.keepalive_count",
+        c"Consecutive failed heartbeats before the keeper acts.",
+        c"",
+        &KEEPALIVE_COUNT,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc_with_hooks(
+        c"pg_keeper.keepalives_time",
+        c"Old spelling of pg_keeper.keepalive_time; 0 means not set.",
+        c"",
+        &KEEPALIVES_TIME,
+        0.0,
+        MAX_KEEPALIVE_TIME_S,
+        GucContext::Sighup,
+        GucFlags::UNIT_S | not_in_sample(),
+        Some(check_alias_time),
+        None,
+        None,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_keeper.keepalives_count",
+        c"Old spelling of pg_keeper.keepalive_count; 0 means not set.",
+        c"",
+        &KEEPALIVES_COUNT,
+        0,
+        1_000_000,
+        GucContext::Sighup,
+        not_in_sample(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_keeper.after_command",
+        c"Shell command run after the keeper promotes this server or switches it to asynchronous replication.",
+        c"Run through /bin/sh -c with PG_KEEPER_EVENT and the node and peer in its environment.",
+        &AFTER_COMMAND,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_keeper.after_command_timeout",
+        c"Time after which a running after_command is killed.",
+        c"",
+        &AFTER_COMMAND_TIMEOUT,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_string_guc(
+        c"pg_keeper.database",
+        c"Database the keeper's worker connects to in order to read replication views.",
+        c"",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_keeper.saved_synchronous_standby_names",
+        c"synchronous_standby_names before the keeper switched to asynchronous replication.",
+        c"Written by pg_keeper with ALTER SYSTEM; not meant to be set by hand.",
+        &SAVED_SYNC_NAMES,
+        GucContext::Sighup,
+        not_in_sample() | GucFlags::SUPERUSER_ONLY,
+    );
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_keeper".as_ptr()) };
+}
+
+/// Sets the detail of a check hook's rejection.
+unsafe fn check_detail(detail: &str) {
+    if let Ok(c) = CString::new(detail) {
+        pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(c.as_ptr());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_conninfo(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    if newval.is_null() || (*newval).is_null() {
+        return true; // not set: reported by the worker as a configuration problem
+    }
+    let value = CStr::from_ptr(*newval).to_string_lossy();
+    if value.trim().is_empty() {
+        check_detail("The connection string is empty; give the node's host, port and dbname.");
+        return false;
+    }
+    match conninfo::Conninfo::parse(&value) {
+        Ok(_) => true,
+        Err(why) => {
+            check_detail(&format!("The connection string does not parse: {why}"));
+            false
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_alias_time(
+    newval: *mut f64,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let v = *newval;
+    if v != 0.0 && v < MIN_KEEPALIVE_TIME_S {
+        check_detail("The shortest heartbeat interval is 100ms; 0 means not set.");
+        return false;
+    }
+    true
+}
+
+/// One consistent reading of the settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub node1: Option<String>,
+    pub node2: Option<String>,
+    pub keepalive_time: Duration,
+    pub keepalive_count: u32,
+    pub after_command: Option<String>,
+    pub after_command_timeout: Duration,
+    /// Warnings about how the settings were combined (old and new spellings).
+    pub warnings: Vec<String>,
+}
+
+fn string_setting(s: &GucSetting<Option<CString>>) -> Option<String> {
+    s.get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .filter(|v| !v.trim().is_empty())
+}
+
+/// Combines a setting with its old spelling: the documented name wins when both are set.
+fn resolve<T: PartialEq + Copy + std::fmt::Display>(
+    name: &str,
+    value: T,
+    default: T,
+    old_name: &str,
+    old_value: Option<T>,
+    warnings: &mut Vec<String>,
+) -> T {
+    match old_value {
+        None => value,
+        Some(old) if value == default => old,
+        Some(old) if old == value => value,
+        Some(old) => {
+            warnings.push(format!(
+                "both {name} ({value}) and {old_name} ({old}) are set; {name} wins"
+            ));
+            value
+        }
+    }
+}
+
+impl Settings {
+    pub fn load() -> Settings {
+        let mut warnings = Vec::new();
+        let old_time = KEEPALIVES_TIME.get();
+        let time_s = resolve(
+            "pg_keeper.keepalive_time",
+            KEEPALIVE_TIME.get(),
+            DEFAULT_KEEPALIVE_TIME_S,
+            "pg_keeper.keepalives_time",
+            (old_time > 0.0).then_some(old_time),
+            &mut warnings,
+        );
+        let old_count = KEEPALIVES_COUNT.get();
+        let count = resolve(
+            "pg_keeper.keepalive_count",
+            KEEPALIVE_COUNT.get(),
+            1,
+            "pg_keeper.keepalives_count",
+            (old_count > 0).then_some(old_count),
+            &mut warnings,
+        );
+        Settings {
+            node1: string_setting(&NODE1_CONNINFO),
+            node2: string_setting(&NODE2_CONNINFO),
+            keepalive_time: Duration::from_secs_f64(time_s.max(MIN_KEEPALIVE_TIME_S)),
+            keepalive_count: count.max(1) as u32,
+            after_command: string_setting(&AFTER_COMMAND),
+            after_command_timeout: Duration::from_secs(AFTER_COMMAND_TIMEOUT.get().max(1) as u64),
+            warnings,
+        }
+    }
+
+    pub fn database() -> String {
+        string_setting(&DATABASE).unwrap_or_else(|| "postgres".into())
+    }
+
+    /// A short description of the settings that matter for failover timing, for the log.
+    pub fn summary(&self) -> String {
+        format!(
+            "keepalive_time={}ms keepalive_count={} (failover after about {}ms without an answer)",
+            self.keepalive_time.as_millis(),
+            self.keepalive_count,
+            self.keepalive_time.as_millis() * self.keepalive_count as u128
+        )
+    }
+}
