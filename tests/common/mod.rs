@@ -1,0 +1,539 @@
+//! Test harness: real PostgreSQL 15 servers, run as the `postgres` OS user, on 127.0.0.1 with free
+//! ports, each pair in a fresh directory of its own. Dropping a [`Pair`] (or [`Single`]) stops
+//! every server and removes the directory, also when the test panicked. Every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = "/usr/lib/postgresql/15/bin";
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Polls `f` every 100ms until it is true or `timeout` passes; returns whether it became true.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// Like [`wait_until`], and returns how long it took.
+pub fn time_until(timeout: Duration, f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    wait_until(timeout, f).then(|| start.elapsed())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A command run as the `postgres` OS user.
+fn as_postgres(program: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--", program]);
+    c
+}
+
+fn new_root(label: &str) -> PathBuf {
+    let root = PathBuf::from(format!(
+        "/tmp/pg_keeper_rs_tests/{}-{}-{label}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&root).unwrap();
+    run(Command::new("chown").args(["-R", "postgres:", "/tmp/pg_keeper_rs_tests"]));
+    root
+}
+
+/// One server.
+pub struct Node {
+    pub name: &'static str,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+    /// Processes frozen with SIGSTOP, thawed on drop.
+    frozen: Vec<i32>,
+}
+
+fn signal(pid: i32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status();
+}
+
+fn alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+impl Node {
+    fn new(name: &'static str, root: &Path, port: u16) -> Node {
+        Node {
+            name,
+            dir: root.join(name),
+            port,
+            log: root.join(format!("{name}.log")),
+            frozen: Vec::new(),
+        }
+    }
+
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname=postgres user=postgres",
+            self.port
+        )
+    }
+
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = fs::read_to_string(self.dir.join("postmaster.pid")).ok()?;
+        text.lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&p| alive(p))
+    }
+
+    pub fn children(&self) -> Vec<i32> {
+        let Some(pm) = self.postmaster_pid() else {
+            return Vec::new();
+        };
+        let out = Command::new("ps")
+            .args(["-o", "pid=", "--ppid", &pm.to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// The pg_keeper worker's process title, if it runs.
+    pub fn title(&self) -> Option<String> {
+        let pm = self.postmaster_pid()?;
+        let out = Command::new("ps")
+            .args(["-o", "pid=,args=", "--ppid", &pm.to_string()])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.contains("pg_keeper"))
+            .map(|l| l.trim().to_string())
+    }
+
+    pub fn keeper_pid(&self) -> Option<i32> {
+        self.title()?.split_whitespace().next()?.parse().ok()
+    }
+
+    pub fn title_is(&self, state: &str) -> bool {
+        self.title()
+            .is_some_and(|t| t.ends_with(&format!("pg_keeper ({state})")))
+    }
+
+    pub fn wait_title(&self, state: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.title_is(state))
+    }
+
+    /// psql against this server, with bounded connect and statement times.
+    fn psql(&self, sql: &str) -> Command {
+        let mut c = Command::new(format!("{BIN}/psql"));
+        c.args([
+            "-X",
+            "-Atq",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+        ])
+        .args(["-d", "postgres", "-p", &self.port.to_string(), "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "3")
+        .env("PGOPTIONS", "-c statement_timeout=20s");
+        c
+    }
+
+    /// Waits for the keeper's title to show `state`; panics with the title it has.
+    pub fn expect_title(&self, state: &str, timeout: Duration) {
+        let ok = self.wait_title(state, timeout);
+        assert!(
+            ok,
+            "{}: title {:?}, expected pg_keeper ({state})",
+            self.name,
+            self.title()
+        );
+    }
+
+    /// Waits for `needle` in the server log; panics with the log.
+    pub fn expect_log(&self, needle: &str, timeout: Duration) {
+        let ok = self.wait_log(needle, timeout);
+        assert!(
+            ok,
+            "{}: log lacks {needle:?}:\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
+    /// Runs SQL through psql; `Err` carries psql's error output.
+    pub fn sql(&self, sql: &str) -> Result<String, String> {
+        let out = self.psql(sql).output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    /// Starts psql in the background (for a commit that is expected to block).
+    pub fn sql_background(&self, sql: &str) -> Child {
+        self.psql(sql)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start psql")
+    }
+
+    pub fn in_recovery(&self) -> Option<bool> {
+        self.sql("SELECT pg_is_in_recovery()")
+            .ok()
+            .map(|s| s == "t")
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The pg_keeper lines of the log.
+    pub fn keeper_log(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.contains("pg_keeper"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log_text().contains(needle))
+    }
+
+    pub fn append_conf(&self, lines: &str) {
+        let path = self.dir.join("postgresql.conf");
+        let mut text = fs::read_to_string(&path).unwrap();
+        text.push('\n');
+        text.push_str(lines);
+        text.push('\n');
+        fs::write(&path, text).unwrap();
+    }
+
+    pub fn start(&self) {
+        run(as_postgres(&format!("{BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(&self.dir)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-t", "60", "start"]));
+    }
+
+    pub fn stop(&self, mode: &str) {
+        run(as_postgres(&format!("{BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(&self.dir)
+            .args(["-m", mode, "-w", "-t", "60", "stop"]));
+    }
+
+    pub fn restart(&self) {
+        run(as_postgres(&format!("{BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(&self.dir)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-m", "fast", "-w", "-t", "60", "restart"]));
+    }
+
+    pub fn reload(&self) {
+        self.sql("SELECT pg_reload_conf()").expect("reload");
+    }
+
+    /// `kill -9` of the postmaster; waits (bounded) until its children have gone too.
+    pub fn kill9(&self) {
+        let pm = self.postmaster_pid().expect("server is running");
+        let children = self.children();
+        signal(pm, "KILL");
+        let gone = wait_until(Duration::from_secs(20), || {
+            !alive(pm) && children.iter().all(|&c| !alive(c))
+        });
+        if !gone {
+            for c in children {
+                signal(c, "KILL");
+            }
+        }
+    }
+
+    /// SIGSTOP the postmaster and all its processes: the port still accepts TCP, nothing answers.
+    pub fn freeze(&mut self) {
+        let pm = self.postmaster_pid().expect("server is running");
+        let mut pids = vec![pm];
+        pids.extend(self.children());
+        for &p in &pids {
+            signal(p, "STOP");
+        }
+        self.frozen = pids;
+    }
+
+    pub fn thaw(&mut self) {
+        for &p in &self.frozen {
+            signal(p, "CONT");
+        }
+        self.frozen.clear();
+    }
+
+    /// Stops the server whatever its state; never panics.
+    fn destroy(&mut self) {
+        self.thaw();
+        let pm = self.postmaster_pid();
+        let children = self.children();
+        if pm.is_some() {
+            let _ = as_postgres(&format!("{BIN}/pg_ctl"))
+                .arg("-D")
+                .arg(&self.dir)
+                .args(["-m", "immediate", "-w", "-t", "20", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        for p in pm.into_iter().chain(children) {
+            if alive(p) {
+                signal(p, "KILL");
+            }
+        }
+    }
+}
+
+/// Settings of a test pair.
+#[derive(Clone)]
+pub struct Options {
+    pub keepalive_time: &'static str,
+    pub keepalive_count: u32,
+    /// More lines for the shared postgresql.conf.
+    pub extra: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            keepalive_time: "1s",
+            keepalive_count: 3,
+            extra: String::new(),
+        }
+    }
+}
+
+/// A primary (node1) with synchronous replication to a standby (node2) made with
+/// pg_basebackup; both with the same pg_keeper settings and an after_command that appends
+/// `event node peer_conninfo` to `after_command.log`.
+pub struct Pair {
+    pub root: PathBuf,
+    pub node1: Node,
+    pub node2: Node,
+    pub after_log: PathBuf,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.node1.destroy();
+        self.node2.destroy();
+        if std::thread::panicking() {
+            for n in [&self.node1, &self.node2] {
+                eprintln!("---- {} log ----\n{}", n.name, n.log_text());
+            }
+        }
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+fn init_primary(node: &Node, shared_conf: &str) {
+    run(as_postgres(&format!("{BIN}/initdb"))
+        .arg("-D")
+        .arg(&node.dir)
+        .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+        .stdout(Stdio::null()));
+    node.append_conf(shared_conf);
+    let hba = node.dir.join("pg_hba.conf");
+    let mut text = fs::read_to_string(&hba).unwrap();
+    text.push_str("\nhost replication postgres 127.0.0.1/32 trust\n");
+    fs::write(&hba, text).unwrap();
+}
+
+fn node_conf(node: &Node, peer: &Node) -> String {
+    format!(
+        "port = {}\ncluster_name = '{}'\nprimary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}'",
+        node.port, node.name, peer.port, node.name
+    )
+}
+
+impl Pair {
+    pub fn start(label: &str, opts: Options) -> Pair {
+        let root = new_root(label);
+        let node1 = Node::new("node1", &root, free_port());
+        let mut node2 = Node::new("node2", &root, free_port());
+        while node2.port == node1.port {
+            node2.port = free_port();
+        }
+        let after_log = root.join("after_command.log");
+        let pair = Pair {
+            root,
+            node1,
+            node2,
+            after_log,
+        };
+        let shared = format!(
+            "listen_addresses = '127.0.0.1'
+shared_preload_libraries = 'pg_keeper_rs'
+wal_level = replica
+hot_standby = on
+wal_log_hints = on
+max_wal_senders = 5
+fsync = off
+synchronous_standby_names = 'node1, node2'
+log_line_prefix = '%m [%p] '
+pg_keeper.node1_conninfo = '{}'
+pg_keeper.node2_conninfo = '{}'
+pg_keeper.keepalive_time = {}
+pg_keeper.keepalive_count = {}
+pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEPER_PEER_CONNINFO\" >> {}'
+{}",
+            pair.node1.conninfo(),
+            pair.node2.conninfo(),
+            opts.keepalive_time,
+            opts.keepalive_count,
+            pair.after_log.display(),
+            opts.extra
+        );
+        init_primary(&pair.node1, &shared);
+        pair.node1.append_conf(&node_conf(&pair.node1, &pair.node2));
+        pair.node1.start();
+        run(as_postgres(&format!("{BIN}/pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pair.node1.port.to_string(),
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-D",
+            ])
+            .arg(&pair.node2.dir));
+        pair.node2.append_conf(&node_conf(&pair.node2, &pair.node1));
+        run(as_postgres("touch").arg(pair.node2.dir.join("standby.signal")));
+        pair.node2.start();
+        pair
+    }
+
+    /// Starts a pair and waits until both keepers show their connected titles.
+    pub fn connected(label: &str, opts: Options) -> Pair {
+        let pair = Pair::start(label, opts);
+        assert!(
+            pair.node1
+                .wait_title("master mode:connected", Duration::from_secs(30)),
+            "primary title: {:?}",
+            pair.node1.title()
+        );
+        assert!(
+            pair.node2
+                .wait_title("standby mode:connected", Duration::from_secs(30)),
+            "standby title: {:?}",
+            pair.node2.title()
+        );
+        pair
+    }
+
+    /// The after_command log, one line per run.
+    pub fn after_commands(&self) -> Vec<String> {
+        fs::read_to_string(&self.after_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Waits for after_command to have run, then checks it ran exactly once; returns its line.
+    pub fn the_one_after_command(&self) -> String {
+        assert!(
+            wait_until(Duration::from_secs(10), || !self
+                .after_commands()
+                .is_empty()),
+            "after_command did not run"
+        );
+        sleep(Duration::from_secs(2));
+        let runs = self.after_commands();
+        assert_eq!(runs.len(), 1, "after_command should run once: {runs:?}");
+        runs[0].clone()
+    }
+}
+
+/// A single server with the extension loaded and the given pg_keeper settings, for
+/// configuration tests.
+pub struct Single {
+    pub root: PathBuf,
+    pub node: Node,
+}
+
+impl Single {
+    pub fn start(label: &str, conf: &str) -> Single {
+        let root = new_root(label);
+        let node = Node::new("node1", &root, free_port());
+        let shared = format!(
+            "listen_addresses = '127.0.0.1'\nport = {}\nshared_preload_libraries = 'pg_keeper_rs'\nfsync = off\nlog_line_prefix = '%m [%p] '\n{}",
+            node.port, conf
+        );
+        init_primary(&node, &shared);
+        let single = Single { root, node };
+        single.node.start();
+        single
+    }
+}
+
+impl Drop for Single {
+    fn drop(&mut self) {
+        self.node.destroy();
+        if std::thread::panicking() {
+            eprintln!("---- log ----\n{}", self.node.log_text());
+        }
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
