@@ -24,10 +24,21 @@ pub fn degrade_to_async() -> Result<Degraded, String> {
     if previous.trim().is_empty() {
         return Ok(Degraded::AlreadyAsync);
     }
-    db::alter_system("pg_keeper.saved_synchronous_standby_names", &previous)?;
-    db::alter_system("synchronous_standby_names", "")?;
+    db::alter_system("pg_keeper.saved_synchronous_standby_names", Some(&previous))?;
+    db::alter_system("synchronous_standby_names", Some(""))?;
     db::reload_configuration()?;
     Ok(Degraded::Switched { previous })
+}
+
+/// Puts back the `synchronous_standby_names` saved by [`degrade_to_async`] (with ALTER SYSTEM),
+/// clears the saved value and reloads. Returns the value restored.
+pub fn restore_sync() -> Result<String, String> {
+    let saved = crate::settings::Settings::saved_sync_names()
+        .ok_or_else(|| "no saved synchronous_standby_names to restore".to_string())?;
+    db::alter_system("synchronous_standby_names", Some(&saved))?;
+    db::alter_system("pg_keeper.saved_synchronous_standby_names", None)?;
+    db::reload_configuration()?;
+    Ok(saved)
 }
 
 /// Requests promotion the way `pg_promote()` does: the `promote` signal file in the data

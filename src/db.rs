@@ -41,23 +41,48 @@ pub fn in_transaction<R>(
     outcome
 }
 
-/// Primary only: is a standby streaming and, when `synchronous_standby_names` is set, is it a
-/// synchronous one? Read-only, so it also works while commits wait for a lost standby.
-pub fn standby_streaming() -> Result<bool, String> {
+/// One row of `pg_stat_replication` in state `streaming`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Standby {
+    pub application_name: String,
+    pub sync_state: String,
+    /// Bytes of WAL the standby has yet to flush; `None` before it has reported.
+    pub lag_bytes: Option<i64>,
+}
+
+impl Standby {
+    pub fn is_synchronous(&self) -> bool {
+        matches!(self.sync_state.as_str(), "sync" | "quorum")
+    }
+}
+
+/// Primary only: the streaming standbys (not counting the WAL stream of a running
+/// pg_basebackup). Read-only, so it also works while commits wait for a
+/// lost standby.
+pub fn streaming_standbys() -> Result<Vec<Standby>, String> {
     in_transaction(|| {
         Spi::connect(|client| {
             let rows = client
                 .select(
-                    "SELECT count(*)::int4 FROM pg_catalog.pg_stat_replication \
-                     WHERE state = 'streaming' \
-                       AND (pg_catalog.current_setting('synchronous_standby_names') = '' \
-                            OR sync_state IN ('sync', 'quorum'))",
-                    Some(1),
+                    "SELECT application_name::text, sync_state::text, \
+                            pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), flush_lsn)::int8 \
+                     FROM pg_catalog.pg_stat_replication WHERE state = 'streaming' \
+                       AND application_name <> 'pg_basebackup' \
+                     ORDER BY application_name",
+                    None,
                     &[],
                 )
                 .map_err(|e| e.to_string())?;
-            let n: Option<i32> = rows.first().get_one().map_err(|e| e.to_string())?;
-            Ok(n.unwrap_or(0) > 0)
+            let mut out = Vec::new();
+            for row in rows {
+                let text = |i| row.get::<String>(i).map(Option::unwrap_or_default);
+                out.push(Standby {
+                    application_name: text(1).map_err(|e| e.to_string())?,
+                    sync_state: text(2).map_err(|e| e.to_string())?,
+                    lag_bytes: row.get::<i64>(3).map_err(|e| e.to_string())?,
+                });
+            }
+            Ok(out)
         })
     })
 }
@@ -75,17 +100,22 @@ pub fn setting(name: &CStr) -> String {
     }
 }
 
-/// `ALTER SYSTEM SET name = 'value'`, the way the command does it (postgresql.auto.conf), from
-/// inside the worker: ALTER SYSTEM cannot run through SPI.
-pub fn alter_system(name: &str, value: &str) -> Result<(), String> {
-    let value = CString::new(value).map_err(|_| "value contains a NUL byte".to_string())?;
+/// `ALTER SYSTEM SET name = 'value'` (or `RESET name` for `None`), the way the command does it
+/// (postgresql.auto.conf), from inside the worker: ALTER SYSTEM cannot run through SPI.
+pub fn alter_system(name: &str, value: Option<&str>) -> Result<(), String> {
+    let value = value
+        .map(|v| CString::new(v).map_err(|_| "value contains a NUL byte".to_string()))
+        .transpose()?;
     let name = name.to_string();
     in_transaction(move || unsafe {
-        let quoted = CStr::from_ptr(pg_sys::quote_literal_cstr(value.as_ptr()))
-            .to_string_lossy()
-            .into_owned();
-        let sql = CString::new(format!("ALTER SYSTEM SET {name} = {quoted}"))
-            .map_err(|e| e.to_string())?;
+        let sql = match &value {
+            Some(v) => {
+                let quoted = CStr::from_ptr(pg_sys::quote_literal_cstr(v.as_ptr()));
+                format!("ALTER SYSTEM SET {name} = {}", quoted.to_string_lossy())
+            }
+            None => format!("ALTER SYSTEM RESET {name}"),
+        };
+        let sql = CString::new(sql).map_err(|e| e.to_string())?;
         let parsed = pg_sys::raw_parser(sql.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
         if parsed.is_null() || (*parsed).length != 1 {
             return Err("could not parse the ALTER SYSTEM statement".into());

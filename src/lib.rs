@@ -17,6 +17,8 @@ mod db;
 mod heartbeat;
 mod identity;
 mod settings;
+mod sql_api;
+mod status;
 mod sys;
 mod worker;
 
@@ -35,6 +37,9 @@ pub extern "C-unwind" fn _PG_init() {
         );
         return;
     }
+    status::init();
+    status::mark_available();
+    warn_if_standby_without_hot_standby();
     BackgroundWorkerBuilder::new("pg_keeper")
         .set_type("pg_keeper")
         .set_library("pg_keeper_rs")
@@ -44,4 +49,30 @@ pub extern "C-unwind" fn _PG_init() {
         .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(Some(WORKER_RESTART))
         .load();
+}
+
+/// The worker runs on a standby only as a hot-standby process; without hot_standby it never
+/// starts there, so say so now, while the postmaster is starting.
+fn warn_if_standby_without_hot_standby() {
+    // SAFETY: DataDir and EnableHotStandby are set before shared_preload_libraries are loaded.
+    let (data_dir, hot_standby) = unsafe {
+        if pg_sys::DataDir.is_null() {
+            return;
+        }
+        let dir = std::ffi::CStr::from_ptr(pg_sys::DataDir)
+            .to_string_lossy()
+            .into_owned();
+        (dir, pg_sys::EnableHotStandby)
+    };
+    let standby = std::path::Path::new(&data_dir)
+        .join("standby.signal")
+        .exists();
+    if standby && !hot_standby {
+        ereport!(
+            PgLogLevel::WARNING,
+            PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
+            "pg_keeper: hot_standby is off on this standby, so pg_keeper cannot run here and will not promote it",
+            "Set hot_standby = on and restart this server."
+        );
+    }
 }

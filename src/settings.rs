@@ -25,6 +25,9 @@ pub static KEEPALIVES_TIME: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 pub static KEEPALIVES_COUNT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static AFTER_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static AFTER_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static SYNC_RESTORE: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// In kB, as PostgreSQL stores memory settings.
+pub static SYNC_RESTORE_LAG: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// Written by the keeper (through ALTER SYSTEM) when it switches to asynchronous replication:
@@ -46,7 +49,7 @@ pub fn register() {
             &NODE1_CONNINFO,
             GucContext::Sighup,
             GucFlags::SUPERUSER_ONLY,
-            Some(check_conninfo),
+            Some(check_node1_conninfo),
             None,
             None,
         );
@@ -57,7 +60,7 @@ pub fn register() {
             &NODE2_CONNINFO,
             GucContext::Sighup,
             GucFlags::SUPERUSER_ONLY,
-            Some(check_conninfo),
+            Some(check_node2_conninfo),
             None,
             None,
         );
@@ -123,6 +126,24 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
+    GucRegistry::define_bool_guc(
+        c"pg_keeper.sync_restore",
+        c"Restore synchronous replication once a lost standby is back and has caught up.",
+        c"Off keeps replication asynchronous until an operator acts.",
+        &SYNC_RESTORE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_keeper.sync_restore_lag",
+        c"Largest replication lag at which synchronous replication is restored.",
+        c"",
+        &SYNC_RESTORE_LAG,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
     GucRegistry::define_string_guc(
         c"pg_keeper.database",
         c"Database the keeper's worker connects to in order to read replication views.",
@@ -149,11 +170,11 @@ unsafe fn check_detail(detail: &str) {
     }
 }
 
-#[pg_guard]
-unsafe extern "C-unwind" fn check_conninfo(
+/// Validates a node conninfo: it must parse, and must not be the other node's.
+unsafe fn check_conninfo(
     newval: *mut *mut c_char,
-    _extra: *mut *mut c_void,
-    _source: pg_sys::GucSource::Type,
+    other: &GucSetting<Option<CString>>,
+    other_name: &str,
 ) -> bool {
     if newval.is_null() || (*newval).is_null() {
         return true; // not set: reported by the worker as a configuration problem
@@ -163,13 +184,41 @@ unsafe extern "C-unwind" fn check_conninfo(
         check_detail("The connection string is empty; give the node's host, port and dbname.");
         return false;
     }
-    match conninfo::Conninfo::parse(&value) {
-        Ok(_) => true,
+    let parsed = match conninfo::Conninfo::parse(&value) {
+        Ok(p) => p,
         Err(why) => {
             check_detail(&format!("The connection string does not parse: {why}"));
-            false
+            return false;
+        }
+    };
+    let other = other.get().map(|c| c.to_string_lossy().into_owned());
+    if let Some(Ok(other)) = other.as_deref().map(conninfo::Conninfo::parse) {
+        if other == parsed {
+            check_detail(&format!(
+                "It is the same as {other_name}; the two must name different servers."
+            ));
+            return false;
         }
     }
+    true
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_node1_conninfo(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    check_conninfo(newval, &NODE2_CONNINFO, "pg_keeper.node2_conninfo")
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_node2_conninfo(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    check_conninfo(newval, &NODE1_CONNINFO, "pg_keeper.node1_conninfo")
 }
 
 #[pg_guard]
@@ -195,6 +244,8 @@ pub struct Settings {
     pub keepalive_count: u32,
     pub after_command: Option<String>,
     pub after_command_timeout: Duration,
+    pub sync_restore: bool,
+    pub sync_restore_lag_bytes: i64,
     /// Warnings about how the settings were combined (old and new spellings).
     pub warnings: Vec<String>,
 }
@@ -255,8 +306,15 @@ impl Settings {
             keepalive_count: count.max(1) as u32,
             after_command: string_setting(&AFTER_COMMAND),
             after_command_timeout: Duration::from_secs(AFTER_COMMAND_TIMEOUT.get().max(1) as u64),
+            sync_restore: SYNC_RESTORE.get(),
+            sync_restore_lag_bytes: SYNC_RESTORE_LAG.get() as i64 * 1024,
             warnings,
         }
+    }
+
+    /// The `synchronous_standby_names` saved when the keeper switched to async, if any.
+    pub fn saved_sync_names() -> Option<String> {
+        string_setting(&SAVED_SYNC_NAMES)
     }
 
     pub fn database() -> String {

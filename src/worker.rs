@@ -17,6 +17,16 @@ use crate::db;
 use crate::heartbeat::{shutdown_requested, Beat, Node};
 use crate::identity::{self, Identity};
 use crate::settings::Settings;
+use crate::status;
+
+/// What the replication view says, for the core.
+#[derive(Default)]
+struct ReplicationSummary {
+    /// A standby is streaming (a synchronous one when synchronous_standby_names is set).
+    streaming: bool,
+    /// A streaming standby is within pg_keeper.sync_restore_lag.
+    caught_up: bool,
+}
 
 /// How often the loop looks at a promotion under way or a running after_command.
 const FAST_POLL: Duration = Duration::from_millis(100);
@@ -29,6 +39,9 @@ pub extern "C-unwind" fn pg_keeper_main(_arg: pg_sys::Datum) {
     let mut worker = Worker::new();
     worker.run();
     worker.log(Level::Log, "stopping", None);
+    // A non-zero exit makes the postmaster start the worker again (after pg_terminate_backend,
+    // say); when the server itself is shutting down it is not restarted.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 struct Worker {
@@ -39,8 +52,8 @@ struct Worker {
     after: AfterCommands,
     started: Instant,
     last_tick: Option<Instant>,
-    /// The last replication-view error logged, so it is logged once per change.
-    last_view_error: Option<String>,
+    /// The last note about the replication view, so it is logged once per change.
+    last_note: Option<String>,
     /// The hint that goes with the current identity problem.
     identity_hint: Option<String>,
 }
@@ -63,13 +76,13 @@ impl Worker {
             after: AfterCommands::default(),
             started: Instant::now(),
             last_tick: None,
-            last_view_error: None,
+            last_note: None,
             identity_hint: None,
         }
     }
 
-    /// Logs one line, prefixed `pg_keeper: `, with any password removed.
-    fn log(&self, level: Level, message: &str, hint: Option<&str>) {
+    /// Removes any password of the node conninfos from a text.
+    fn scrub(&self, text: &str) -> String {
         let secrets: Vec<&str> = [
             self.settings.node1.as_deref(),
             self.settings.node2.as_deref(),
@@ -77,20 +90,32 @@ impl Worker {
         .into_iter()
         .flatten()
         .collect();
-        let message = conninfo::scrub(message, &secrets);
+        conninfo::scrub(text, &secrets)
+    }
+
+    /// Logs a line and records it in the event history as `name`.
+    fn event(&self, name: &str, level: Level, message: &str, hint: Option<&str>) {
+        self.log(level, message, hint);
+        status::record(name, &self.scrub(message));
+    }
+
+    /// Logs one line, prefixed `pg_keeper: `, with any password removed.
+    fn log(&self, level: Level, message: &str, hint: Option<&str>) {
+        let message = self.scrub(message);
         let mut report = ErrorReport::new(
             PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION,
             format!("pg_keeper: {message}"),
             "pg_keeper",
         );
         if let Some(h) = hint {
-            report = report.set_hint(conninfo::scrub(h, &secrets));
+            report = report.set_hint(self.scrub(h));
         }
         report.report(level_to_pg(level));
     }
 
     fn run(&mut self) {
-        self.log(
+        self.event(
+            "started",
             Level::Log,
             &format!("started; {}", self.settings.summary()),
             None,
@@ -99,6 +124,7 @@ impl Worker {
         self.set_title();
         while !shutdown_requested() {
             self.reload_if_requested();
+            self.follow_pause();
             let now = Instant::now();
             let due = self.last_tick.map_or(now, |t| t + self.tick_interval());
             if now >= due {
@@ -113,6 +139,43 @@ impl Worker {
             }
             wait_latch(wait);
         }
+    }
+
+    /// Starts or ends a pause asked for from SQL, or ends one whose interval has passed.
+    fn follow_pause(&mut self) {
+        let (mut paused, until) = status::pause_state();
+        if paused && until != 0 && status::now() >= until {
+            status::publish(|s| {
+                s.paused = false;
+                s.pause_until = 0;
+            });
+            paused = false;
+        }
+        if paused == self.keeper.paused() {
+            return;
+        }
+        self.keeper.set_paused(paused);
+        if paused {
+            let how_long = if until == 0 {
+                "until pg_keeper_resume()".to_string()
+            } else {
+                "for the interval given".to_string()
+            };
+            self.event(
+                "paused",
+                Level::Log,
+                &format!("paused {how_long}: heartbeating and reporting, but not promoting or switching replication"),
+                None,
+            );
+        } else {
+            self.event(
+                "resumed",
+                Level::Log,
+                "resumed: automatic actions are enabled again",
+                None,
+            );
+        }
+        self.set_title();
     }
 
     fn tick_interval(&self) -> Duration {
@@ -189,30 +252,34 @@ impl Worker {
             return;
         }
         let mode = self.keeper.mode();
-        let standby_streaming =
-            if matches!(mode, Mode::MasterWaiting | Mode::MasterAsync) && !in_recovery {
-                self.read_replication_view()
-            } else {
-                false
-            };
+        let sync_configured = !db::setting(c"synchronous_standby_names").trim().is_empty();
+        let view = if mode.is_master() && !in_recovery {
+            self.read_replication_view(sync_configured)
+        } else {
+            ReplicationSummary::default()
+        };
         let heartbeat = if mode.heartbeats() {
             let deadline = Instant::now() + self.settings.keepalive_time;
             let Some(peer) = self.peer.as_mut() else {
                 return;
             };
-            match peer.beat(deadline) {
-                Beat::Interrupted => return,
-                beat => beat.for_core(),
+            let beat = peer.beat(deadline);
+            if beat == Beat::Interrupted {
+                return;
             }
+            self.publish_beat(&beat);
+            beat.for_core()
         } else {
             None
         };
         let obs = Observation {
             now_ms: self.started.elapsed().as_millis() as u64,
             in_recovery,
-            sync_configured: !db::setting(c"synchronous_standby_names").trim().is_empty(),
-            standby_streaming,
+            sync_configured,
+            standby_streaming: view.streaming,
             heartbeat,
+            restore_wanted: self.settings.sync_restore && Settings::saved_sync_names().is_some(),
+            standby_caught_up: view.caught_up,
         };
         self.decide(Input::Tick(obs));
     }
@@ -220,12 +287,26 @@ impl Worker {
     fn identify(&mut self, in_recovery: bool) {
         match identity::identify(&self.settings, self.settings.keepalive_time) {
             identity::Outcome::Found(id, peer) => {
+                let (me, peer_display) = (id.me_name, Conninfo::parse(&id.peer_conninfo).ok());
+                status::publish(|s| {
+                    s.node_name.set(me);
+                    s.peer_name.set(id.peer_name);
+                    s.peer_host
+                        .set(&peer_display.as_ref().map(|c| c.host()).unwrap_or_default());
+                    s.peer_port = peer_display
+                        .as_ref()
+                        .and_then(|c| c.port().parse().ok())
+                        .unwrap_or(0);
+                    s.problem.set("");
+                });
                 self.identity = Some(id);
                 self.peer = Some(peer);
                 self.identity_hint = None;
                 self.decide(Input::Identified { in_recovery });
             }
             identity::Outcome::Problem { message, hint } => {
+                let shown = self.scrub(&message);
+                status::publish(|s| s.problem.set(&shown));
                 self.identity_hint = Some(hint);
                 self.decide(Input::IdentityProblem(message));
             }
@@ -233,23 +314,75 @@ impl Worker {
         }
     }
 
-    fn read_replication_view(&mut self) -> bool {
-        match db::standby_streaming() {
-            Ok(streaming) => {
-                self.last_view_error = None;
-                streaming
-            }
+    /// Reads `pg_stat_replication` and says what matters to the core; unusual set-ups (a second
+    /// standby, a standby that synchronous_standby_names does not name) are warned about once
+    /// per change.
+    fn read_replication_view(&mut self, sync_configured: bool) -> ReplicationSummary {
+        let standbys = match db::streaming_standbys() {
+            Ok(s) => s,
             Err(why) => {
-                if self.last_view_error.as_ref() != Some(&why) {
-                    self.log(
-                        Level::Warning,
-                        &format!("could not read pg_stat_replication: {why}"),
-                        None,
-                    );
-                    self.last_view_error = Some(why);
-                }
-                false
+                self.note_once(
+                    Level::Warning,
+                    format!("could not read pg_stat_replication: {why}"),
+                    None,
+                );
+                return ReplicationSummary::default();
             }
+        };
+        let names = || {
+            standbys
+                .iter()
+                .map(|s| format!("'{}' ({})", s.application_name, s.sync_state))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let synchronous = standbys.iter().any(|s| s.is_synchronous());
+        if standbys.len() > 1 {
+            let peer = self
+                .identity
+                .as_ref()
+                .map(|i| i.peer_display())
+                .unwrap_or_default();
+            self.note_once(
+                Level::Warning,
+                format!(
+                    "{} standbys are streaming: {}; pg_keeper protects one pair and heartbeats {peer} only",
+                    standbys.len(),
+                    names()
+                ),
+                Some("Losing the peer switches replication to asynchronous even if another standby streams."),
+            );
+        } else if sync_configured && !standbys.is_empty() && !synchronous {
+            self.note_once(
+                Level::Warning,
+                format!(
+                    "standby {} is streaming but is not synchronous; synchronous_standby_names is '{}'",
+                    names(),
+                    db::setting(c"synchronous_standby_names")
+                ),
+                Some("Set application_name in the standby's primary_conninfo to a name listed in synchronous_standby_names."),
+            );
+        } else if self.last_note.take().is_some() {
+            status::publish(|s| s.problem.set(""));
+        }
+        ReplicationSummary {
+            streaming: standbys
+                .iter()
+                .any(|s| !sync_configured || s.is_synchronous()),
+            caught_up: standbys.iter().any(|s| {
+                s.lag_bytes
+                    .is_some_and(|lag| lag <= self.settings.sync_restore_lag_bytes)
+            }),
+        }
+    }
+
+    /// Logs a condition that can repeat every tick once, until it changes.
+    fn note_once(&mut self, level: Level, message: String, hint: Option<&str>) {
+        if self.last_note.as_ref() != Some(&message) {
+            self.event("replication_problem", level, &message, hint);
+            let shown = self.scrub(&message);
+            status::publish(|s| s.problem.set(&shown));
+            self.last_note = Some(message);
         }
     }
 
@@ -259,7 +392,34 @@ impl Worker {
         } else {
             None
         };
-        self.log(d.level, &d.sentence, hint);
+        if d.level == Level::Debug {
+            self.log(d.level, &d.sentence, hint);
+        } else {
+            self.event(d.history_name(), d.level, &d.sentence, hint);
+        }
+    }
+
+    /// Keeps the last answer and the last failure (with its reason) for the status.
+    fn publish_beat(&self, beat: &Beat) {
+        let now = status::now();
+        match beat {
+            Beat::Answered(_) => status::publish(|s| s.last_answer = now),
+            Beat::Refused(why) => {
+                let why = self.scrub(&format!("answered but refused: {why}"));
+                status::publish(|s| {
+                    s.last_answer = now;
+                    s.problem.set(&why);
+                })
+            }
+            Beat::NoAnswer(why) => {
+                let why = self.scrub(why);
+                status::publish(|s| {
+                    s.last_failure = now;
+                    s.last_failure_reason.set(&why);
+                })
+            }
+            Beat::Interrupted => {}
+        }
     }
 
     fn decide(&mut self, input: Input) {
@@ -275,10 +435,19 @@ impl Worker {
         for &action in actions {
             let result = match action {
                 Action::DegradeToAsync => self.degrade_to_async(),
-                Action::Promote => actuators::promote().map(|()| {
-                    self.log(
+                                Action::Promote => actuators::promote().map(|()| {
+                    self.event(
+                        "promote_requested",
                         Level::Log,
                         "promotion requested; waiting for recovery to end",
+                        None,
+                    )
+                }),
+                Action::RestoreSync => actuators::restore_sync().map(|names| {
+                    self.event(
+                        "sync_restored",
+                        Level::Log,
+                        &format!("restored synchronous replication: synchronous_standby_names is '{names}' again"),
                         None,
                     )
                 }),
@@ -300,7 +469,8 @@ impl Worker {
 
     fn degrade_to_async(&self) -> Result<(), String> {
         match actuators::degrade_to_async()? {
-            Degraded::Switched { previous } => self.log(
+                        Degraded::Switched { previous } => self.event(
+                "degraded_to_async",
                 Level::Log,
                 &format!(
                     "changed replication mode to asynchronous: synchronous_standby_names was '{previous}' and is now '' \
@@ -339,7 +509,8 @@ impl Worker {
         let pid = self
             .after
             .start(&command, &ctx, self.settings.after_command_timeout)?;
-        self.log(
+        self.event(
+            "after_command",
             Level::Log,
             &format!(
                 "running after_command for event {} (pid {pid})",
@@ -357,7 +528,8 @@ impl Worker {
             } else {
                 Level::Warning
             };
-            self.log(
+            self.event(
+                "after_command",
                 level,
                 &format!(
                     "after_command for event {} (pid {}) {}",
@@ -368,11 +540,27 @@ impl Worker {
         }
     }
 
+    /// Shows the keeper's state: the process title and the status, from the one value the core
+    /// holds.
     fn set_title(&self) {
-        if let Ok(title) = CString::new(format!("({})", self.keeper.title())) {
+        let state = self.keeper.title();
+        if let Ok(title) = CString::new(format!("({state})")) {
             // SAFETY: set_ps_display copies the string.
             unsafe { pg_sys::set_ps_display(title.as_ptr()) };
         }
+        let (failures, count, time_ms) = (
+            self.keeper.failures() as i32,
+            self.settings.keepalive_count as i32,
+            self.settings.keepalive_time.as_millis() as i64,
+        );
+        status::publish(|s| {
+            // SAFETY: MyProcPid is this process's pid.
+            s.worker_pid = unsafe { pg_sys::MyProcPid };
+            s.state.set(&state);
+            s.failures = failures;
+            s.keepalive_count = count;
+            s.keepalive_time_ms = time_ms;
+        });
     }
 }
 

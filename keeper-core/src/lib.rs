@@ -80,6 +80,7 @@ impl fmt::Display for Mode {
 pub enum AfterEvent {
     Promote,
     Async,
+    SyncRestored,
 }
 
 impl AfterEvent {
@@ -87,6 +88,7 @@ impl AfterEvent {
         match self {
             AfterEvent::Promote => "promote",
             AfterEvent::Async => "async",
+            AfterEvent::SyncRestored => "sync_restored",
         }
     }
 }
@@ -98,8 +100,17 @@ pub enum Action {
     DegradeToAsync,
     /// Ask this server to leave recovery.
     Promote,
+    /// Put back the `synchronous_standby_names` saved by `DegradeToAsync`, and reload.
+    RestoreSync,
     /// Start `pg_keeper.after_command` for this event (when one is set).
     RunAfterCommand(AfterEvent),
+}
+
+impl Action {
+    /// Whether the action changes the cluster (and so is held back while paused).
+    pub fn changes_the_cluster(&self) -> bool {
+        matches!(self, DegradeToAsync | Promote | RestoreSync)
+    }
 }
 
 /// How loudly a decision is logged.
@@ -137,6 +148,11 @@ pub struct Observation {
     pub standby_streaming: bool,
     /// The heartbeat made this tick, if one was due.
     pub heartbeat: Option<Heartbeat>,
+    /// (Primary only.) The keeper switched to async earlier, a saved value is waiting to be put
+    /// back, and `pg_keeper.sync_restore` is on.
+    pub restore_wanted: bool,
+    /// (Primary only.) A streaming standby is within `pg_keeper.sync_restore_lag`.
+    pub standby_caught_up: bool,
 }
 
 /// One input to the core.
@@ -171,6 +187,9 @@ pub enum Event {
     PeerLostAsync,
     /// `keepalive_count` consecutive failures of the primary, seen by a standby.
     PeerLost,
+    /// The standby answered and has caught up, and a saved synchronous setting waits.
+    StandbyCaughtUp,
+    RestoreFailed,
     /// The primary has not answered yet since this standby started; failover is not armed.
     PeerNotYetSeen,
     RecoveryEnded,
@@ -218,6 +237,7 @@ use Mode::*;
 const ASYNC: &[Action] = &[DegradeToAsync, RunAfterCommand(AfterEvent::Async)];
 const PROMOTE: &[Action] = &[DegradeToAsync, Promote];
 const AFTER_PROMOTE: &[Action] = &[RunAfterCommand(AfterEvent::Promote)];
+const RESTORE: &[Action] = &[RestoreSync, RunAfterCommand(AfterEvent::SyncRestored)];
 const NONE: &[Action] = &[];
 
 /// Every legal move of the keeper. A (mode, event) pair that is not here leaves the mode as it is
@@ -236,6 +256,9 @@ pub const TRANSITIONS: &[Transition] = &[
     row(MasterConnected, E::PeerLostSync, MasterAsync, ASYNC, Log, "standby {peer} lost; switching to asynchronous replication"),
     row(MasterConnected, E::PeerLostAsync, MasterAsync, NONE, Log, "standby {peer} lost; replication is already asynchronous, nothing to switch"),
     row(MasterAsync, E::DegradeFailed, MasterConnected, NONE, Warn, "could not switch to asynchronous replication; will retry"),
+    row(MasterConnected, E::StandbyCaughtUp, MasterConnected, RESTORE, Log, "standby {peer} has caught up; restoring synchronous replication"),
+    row(MasterConnected, E::RestoreFailed, MasterConnected, NONE, Warn, "could not restore synchronous replication; will retry"),
+    row(MasterConnected, E::AfterCommandFailed, MasterConnected, NONE, Warn, "could not start after_command"),
     row(MasterAsync, E::AfterCommandFailed, MasterAsync, NONE, Warn, "could not start after_command"),
     // Standby.
     row(StandbyWaiting, E::HeartbeatOk, StandbyConnected, NONE, Log, "primary {peer} is alive; automatic failover is armed"),
@@ -254,6 +277,9 @@ pub const TRANSITIONS: &[Transition] = &[
     row(StandbyWaiting, E::RecoveryEnded, MasterWaiting, NONE, Log, "server was promoted outside pg_keeper; switching to master mode"),
     row(StandbyConnected, E::RecoveryEnded, MasterWaiting, NONE, Log, "server was promoted outside pg_keeper; switching to master mode"),
 ];
+
+/// Conditions that can repeat every tick: logged once per distinct reason.
+const ONCE_PER_REASON: &[Event] = &[E::IdentityProblem, E::PeerNotYetSeen, E::HeartbeatRefused];
 
 /// Looks up the move for a mode and an event.
 pub fn transition(from: Mode, on: Event) -> Option<&'static Transition> {
@@ -293,11 +319,40 @@ pub struct Decision {
     pub level: Level,
     /// One plain sentence: what was decided and why.
     pub sentence: String,
+    /// The move's actions were held back by a maintenance pause.
+    pub held: bool,
 }
 
 impl Decision {
     pub fn changed_mode(&self) -> bool {
         self.from != self.to
+    }
+
+    /// The name of this decision in the event history.
+    pub fn history_name(&self) -> &'static str {
+        if self.held {
+            return "action_held";
+        }
+        match self.event {
+            E::IdentifiedAsMaster | E::IdentifiedAsStandby => "identified",
+            E::IdentityProblem => "configuration_problem",
+            E::Idle => "idle",
+            E::StandbyStreaming => "standby_connected",
+            E::HeartbeatOk if self.from == StandbyWaiting => "primary_seen",
+            E::HeartbeatOk => "heartbeat_ok",
+            E::HeartbeatRefused => "peer_refused",
+            E::HeartbeatFailed => "heartbeat_failed",
+            E::PeerLostSync | E::PeerLostAsync => "standby_lost",
+            E::PeerLost => "primary_lost",
+            E::PeerNotYetSeen => "primary_not_seen",
+            E::StandbyCaughtUp => "standby_caught_up",
+            E::RecoveryEnded if self.from == Promoting => "promoted",
+            E::RecoveryEnded => "promoted_outside",
+            E::PromotionSlow => "promotion_slow",
+            E::DegradeFailed | E::PromoteFailed | E::RestoreFailed | E::AfterCommandFailed => {
+                "action_failed"
+            }
+        }
     }
 }
 
@@ -309,8 +364,10 @@ pub struct Keeper {
     failures: u32,
     /// When the promotion was last requested.
     promote_requested_at: Option<u64>,
-    /// The last "not armed" reason logged, so it is logged once per change.
-    last_waiting_reason: Option<String>,
+    /// The last repeated condition logged (see [`ONCE_PER_REASON`]).
+    last_said: Option<(Event, String)>,
+    /// Maintenance pause: heartbeat and report, but take no action.
+    paused: bool,
 }
 
 impl Default for Keeper {
@@ -325,7 +382,8 @@ impl Keeper {
             mode: Unidentified,
             failures: 0,
             promote_requested_at: None,
-            last_waiting_reason: None,
+            last_said: None,
+            paused: false,
         }
     }
 
@@ -334,12 +392,26 @@ impl Keeper {
     }
 
     /// The text of the process title inside `pg_keeper (...)`.
-    pub fn title(&self) -> &'static str {
-        if self.mode == Unidentified && self.last_waiting_reason.is_some() {
+    pub fn title(&self) -> String {
+        let base = if self.mode == Unidentified && self.last_said.is_some() {
             "configuration error"
         } else {
             self.mode.title()
+        };
+        if self.paused {
+            format!("{base}, paused")
+        } else {
+            base.to_string()
         }
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Starts or ends a maintenance pause.
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
     }
 
     /// Consecutive failed heartbeats so far.
@@ -357,6 +429,7 @@ impl Keeper {
                 let e = match action {
                     DegradeToAsync => E::DegradeFailed,
                     Promote => E::PromoteFailed,
+                    RestoreSync => E::RestoreFailed,
                     RunAfterCommand(_) => E::AfterCommandFailed,
                 };
                 (e, why.clone())
@@ -378,6 +451,14 @@ impl Keeper {
             }
             MasterConnected | StandbyWaiting | StandbyConnected => match &obs.heartbeat {
                 None => (E::Idle, String::new()),
+                Some(Heartbeat::Answered)
+                    if self.mode == MasterConnected
+                        && obs.restore_wanted
+                        && obs.standby_caught_up
+                        && !obs.sync_configured =>
+                {
+                    (E::StandbyCaughtUp, String::new())
+                }
                 Some(Heartbeat::Answered) => (E::HeartbeatOk, String::new()),
                 Some(Heartbeat::Refused(why)) => (E::HeartbeatRefused, why.clone()),
                 Some(Heartbeat::NoAnswer(why)) => {
@@ -429,24 +510,42 @@ impl Keeper {
                 actions: Vec::new(),
                 level: Dbg,
                 sentence: format!("no action: {}", from.title()),
+                held: false,
             };
         };
 
         // Bookkeeping that goes with the event.
         match event {
-            E::HeartbeatOk | E::HeartbeatRefused => self.failures = 0,
+            E::HeartbeatOk | E::HeartbeatRefused | E::StandbyCaughtUp => self.failures = 0,
             E::HeartbeatFailed | E::PeerLost | E::PeerLostSync | E::PeerLostAsync => {
                 self.failures += 1
             }
             _ => {}
         }
+        if self.paused && t.actions.iter().any(Action::changes_the_cluster) {
+            // Paused: keep the mode (and the count, so that a resume acts on the next failure).
+            let says = sentence_for(t, &detail, s);
+            let repeated = self.last_said.as_ref().is_some_and(|(e, _)| *e == event);
+            self.last_said = Some((event, String::new()));
+            return Decision {
+                from,
+                event,
+                to: from,
+                actions: Vec::new(),
+                level: if repeated { Dbg } else { Warn },
+                sentence: format!("paused, so not acting on: {says}"),
+                held: true,
+            };
+        }
         let mut level = t.level;
-        if matches!(event, E::PeerNotYetSeen | E::IdentityProblem) {
-            // Said once per distinct reason, then kept quiet.
-            if self.last_waiting_reason.as_deref() == Some(detail.as_str()) {
+        if ONCE_PER_REASON.contains(&event) {
+            // Said once per distinct reason, then kept quiet until something else happens.
+            if self.last_said.as_ref() == Some(&(event, detail.clone())) {
                 level = Dbg;
             }
-            self.last_waiting_reason = Some(detail.clone());
+            self.last_said = Some((event, detail.clone()));
+        } else if event != E::Idle {
+            self.last_said = None;
         }
         if t.to != from {
             // Counting starts afresh on entering a heartbeating mode, except when a failed action
@@ -454,7 +553,6 @@ impl Keeper {
             if t.to.heartbeats() && !matches!(event, E::DegradeFailed | E::PromoteFailed) {
                 self.failures = 0;
             }
-            self.last_waiting_reason = None;
         }
         if t.actions.contains(&Promote) {
             self.promote_requested_at = now.or(self.promote_requested_at);
@@ -469,6 +567,7 @@ impl Keeper {
             actions: t.actions.to_vec(),
             level,
             sentence,
+            held: false,
         }
     }
 }

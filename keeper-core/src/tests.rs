@@ -18,6 +18,8 @@ fn tick(now_ms: u64, in_recovery: bool, hb: Option<Heartbeat>) -> Input {
         sync_configured: true,
         standby_streaming: true,
         heartbeat: hb,
+        restore_wanted: false,
+        standby_caught_up: false,
     })
 }
 
@@ -100,6 +102,8 @@ fn master_waits_for_a_streaming_standby_before_heartbeating() {
         sync_configured: true,
         standby_streaming: false,
         heartbeat: None,
+        restore_wanted: false,
+        standby_caught_up: false,
     });
     assert_eq!(k.step(&quiet, &s).to, MasterWaiting);
     assert!(!MasterWaiting.heartbeats());
@@ -155,7 +159,6 @@ fn a_peer_that_answers_but_refuses_is_alive() {
         );
         assert_eq!(d.to, StandbyConnected);
         assert!(d.actions.is_empty());
-        assert_eq!(d.level, Level::Warning);
     }
     assert_eq!(k.failures(), 0);
 }
@@ -169,6 +172,8 @@ fn losing_the_standby_with_async_replication_switches_nothing() {
         sync_configured: false,
         standby_streaming: false,
         heartbeat: no_answer(),
+        restore_wanted: false,
+        standby_caught_up: false,
     });
     let d = k.step(&input, &s);
     assert_eq!(d.event, Event::PeerLostAsync);
@@ -364,19 +369,24 @@ fn every_row_is_reachable_from_some_input() {
         Input::ActionFailed(DegradeToAsync, "a".into()),
         Input::ActionFailed(Promote, "b".into()),
         Input::ActionFailed(RunAfterCommand(AfterEvent::Async), "c".into()),
+        Input::ActionFailed(RestoreSync, "d".into()),
     ];
     for hb in &heartbeats {
         for in_recovery in [false, true] {
             for sync_configured in [false, true] {
                 for standby_streaming in [false, true] {
                     for now_ms in [0, 1_000_000] {
-                        inputs.push(Input::Tick(Observation {
-                            now_ms,
-                            in_recovery,
-                            sync_configured,
-                            standby_streaming,
-                            heartbeat: hb.clone(),
-                        }));
+                        for restore in [false, true] {
+                            inputs.push(Input::Tick(Observation {
+                                now_ms,
+                                in_recovery,
+                                sync_configured,
+                                standby_streaming,
+                                heartbeat: hb.clone(),
+                                restore_wanted: restore,
+                                standby_caught_up: restore,
+                            }));
+                        }
                     }
                 }
             }
@@ -390,7 +400,8 @@ fn every_row_is_reachable_from_some_input() {
                     mode,
                     failures: 0,
                     promote_requested_at: Some(0),
-                    last_waiting_reason: None,
+                    last_said: None,
+                    paused: false,
                 };
                 let d = k.step(input, &s);
                 fired.insert((d.from, d.event));
@@ -405,4 +416,136 @@ fn every_row_is_reachable_from_some_input() {
             t.on
         );
     }
+}
+
+fn catch_up_tick(now_ms: u64, caught_up: bool) -> Input {
+    Input::Tick(Observation {
+        now_ms,
+        in_recovery: false,
+        sync_configured: false,
+        standby_streaming: true,
+        heartbeat: Some(Heartbeat::Answered),
+        restore_wanted: true,
+        standby_caught_up: caught_up,
+    })
+}
+
+#[test]
+fn synchronous_replication_comes_back_once_the_standby_has_caught_up() {
+    let (mut k, s) = master_connected(1);
+    let d = k.step(&tick(1, false, no_answer()), &s);
+    assert_eq!(d.to, MasterAsync);
+    // The standby streams again but lags: heartbeated, not yet synchronous.
+    assert_eq!(k.step(&catch_up_tick(2, false), &s).to, MasterConnected);
+    let d = k.step(&catch_up_tick(3, false), &s);
+    assert_eq!(d.event, Event::HeartbeatOk);
+    assert!(d.actions.is_empty());
+    let d = k.step(&catch_up_tick(4, true), &s);
+    assert_eq!(d.event, Event::StandbyCaughtUp);
+    assert_eq!(
+        d.actions,
+        vec![RestoreSync, RunAfterCommand(AfterEvent::SyncRestored)]
+    );
+    assert_eq!(d.to, MasterConnected);
+    // A second loss degrades again.
+    let d = k.step(&tick(5, false, no_answer()), &s);
+    assert_eq!(
+        d.actions,
+        vec![DegradeToAsync, RunAfterCommand(AfterEvent::Async)]
+    );
+}
+
+#[test]
+fn nothing_is_restored_when_not_wanted_or_already_synchronous() {
+    let (mut k, s) = master_connected(1);
+    let mut obs = Observation {
+        now_ms: 1,
+        in_recovery: false,
+        sync_configured: false,
+        standby_streaming: true,
+        heartbeat: Some(Heartbeat::Answered),
+        restore_wanted: false,
+        standby_caught_up: true,
+    };
+    assert!(k.step(&Input::Tick(obs.clone()), &s).actions.is_empty());
+    obs.restore_wanted = true;
+    obs.sync_configured = true;
+    assert!(k.step(&Input::Tick(obs), &s).actions.is_empty());
+}
+
+#[test]
+fn a_refusing_peer_is_warned_about_once_per_reason() {
+    let (mut k, s) = standby_connected(3);
+    let refused = |why: &str| Some(Heartbeat::Refused(why.into()));
+    assert_eq!(
+        k.step(&tick(1, true, refused("too many clients")), &s)
+            .level,
+        Level::Warning
+    );
+    assert_eq!(
+        k.step(&tick(2, true, refused("too many clients")), &s)
+            .level,
+        Level::Debug
+    );
+    assert_eq!(
+        k.step(&tick(3, true, refused("shutting down")), &s).level,
+        Level::Warning
+    );
+    k.step(&tick(4, true, Some(Heartbeat::Answered)), &s);
+    assert_eq!(
+        k.step(&tick(5, true, refused("shutting down")), &s).level,
+        Level::Warning
+    );
+}
+
+#[test]
+fn paused_keeper_heartbeats_and_counts_but_does_not_act_until_resumed() {
+    let (mut k, s) = standby_connected(2);
+    k.set_paused(true);
+    assert_eq!(k.title(), "standby mode:connected, paused");
+    assert_eq!(k.step(&tick(1, true, no_answer()), &s).to, StandbyConnected);
+    let d = k.step(&tick(2, true, no_answer()), &s);
+    assert_eq!(d.to, StandbyConnected);
+    assert!(d.actions.is_empty());
+    assert_eq!(d.level, Level::Warning);
+    assert_eq!(d.history_name(), "action_held");
+    assert!(
+        d.sentence.starts_with("paused, so not acting on: primary"),
+        "{}",
+        d.sentence
+    );
+    let again = k.step(&tick(3, true, no_answer()), &s);
+    assert_eq!(again.level, Level::Debug, "said once");
+    assert_eq!(k.failures(), 3);
+    k.set_paused(false);
+    let d = k.step(&tick(4, true, no_answer()), &s);
+    assert_eq!(d.to, Promoting);
+    assert_eq!(d.actions, vec![DegradeToAsync, Promote]);
+}
+
+#[test]
+fn a_pause_holds_the_switch_to_async_and_the_restore_but_not_reporting() {
+    let (mut k, s) = master_connected(1);
+    k.set_paused(true);
+    let d = k.step(&tick(1, false, no_answer()), &s);
+    assert_eq!(d.to, MasterConnected);
+    assert!(d.actions.is_empty());
+    k.set_paused(false);
+    let d = k.step(&tick(2, false, no_answer()), &s);
+    assert_eq!(d.to, MasterAsync);
+    k.set_paused(true);
+    let d = k.step(&catch_up_tick(3, true), &s);
+    assert_eq!(d.to, MasterConnected, "reconnecting is not an action");
+    let d = k.step(&catch_up_tick(4, true), &s);
+    assert_eq!(d.event, Event::StandbyCaughtUp);
+    assert!(d.actions.is_empty(), "restoring is held");
+}
+
+#[test]
+fn history_names_the_outcomes() {
+    let (mut k, s) = standby_connected(1);
+    let d = k.step(&tick(1, true, no_answer()), &s);
+    assert_eq!(d.history_name(), "primary_lost");
+    let d = k.step(&tick(2, false, None), &s);
+    assert_eq!(d.history_name(), "promoted");
 }

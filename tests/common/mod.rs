@@ -320,6 +320,41 @@ impl Node {
         self.frozen.clear();
     }
 
+    /// pg_basebackup from `primary`, streaming under this node's name, then start.
+    fn make_standby_of(&self, primary: &Node) {
+        run(as_postgres(&format!("{BIN}/pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-X", "stream", "-D"])
+            .arg(&self.dir));
+        self.append_conf(&node_conf(self, primary));
+        run(as_postgres("touch").arg(self.dir.join("standby.signal")));
+        self.start();
+    }
+
+    /// Ends the keeper worker with `signal` (`-9`, say) and waits, bounded, for the postmaster
+    /// to start a new one.
+    pub fn kill_keeper(&self, signal: &str) {
+        let keeper = self.keeper_pid().expect("the keeper runs");
+        let _ = Command::new("kill")
+            .args([signal, &keeper.to_string()])
+            .status();
+        let back = wait_until(Duration::from_secs(30), || {
+            self.keeper_pid().is_some_and(|p| p != keeper)
+        });
+        assert!(
+            back,
+            "{}: the keeper did not come back after kill {signal}",
+            self.name
+        );
+    }
+
     /// Stops the server whatever its state; never panics.
     fn destroy(&mut self) {
         self.thaw();
@@ -347,8 +382,12 @@ impl Node {
 pub struct Options {
     pub keepalive_time: &'static str,
     pub keepalive_count: u32,
-    /// More lines for the shared postgresql.conf.
+    /// More lines for the shared postgresql.conf (later lines win); `@ROOT@` stands for the
+    /// pair's directory.
     pub extra: String,
+    /// Put passwords in the node conninfos (node1 as key=value, node2 as a URI); the servers
+    /// trust local connections, so the passwords are never checked, only carried.
+    pub passwords: bool,
 }
 
 impl Default for Options {
@@ -357,6 +396,7 @@ impl Default for Options {
             keepalive_time: "1s",
             keepalive_count: 3,
             extra: String::new(),
+            passwords: false,
         }
     }
 }
@@ -369,12 +409,17 @@ pub struct Pair {
     pub node1: Node,
     pub node2: Node,
     pub after_log: PathBuf,
+    /// Further standbys made by [`Pair::add_standby`].
+    pub extra: Vec<Node>,
 }
 
 impl Drop for Pair {
     fn drop(&mut self) {
         self.node1.destroy();
         self.node2.destroy();
+        for n in &mut self.extra {
+            n.destroy();
+        }
         if std::thread::panicking() {
             for n in [&self.node1, &self.node2] {
                 eprintln!("---- {} log ----\n{}", n.name, n.log_text());
@@ -385,6 +430,11 @@ impl Drop for Pair {
 }
 
 fn init_primary(node: &Node, shared_conf: &str) {
+    init_primary_with_hba(node, shared_conf, "");
+}
+
+/// initdb; `hba_first` lines go before the default pg_hba.conf rules.
+fn init_primary_with_hba(node: &Node, shared_conf: &str, hba_first: &str) {
     run(as_postgres(&format!("{BIN}/initdb"))
         .arg("-D")
         .arg(&node.dir)
@@ -392,7 +442,7 @@ fn init_primary(node: &Node, shared_conf: &str) {
         .stdout(Stdio::null()));
     node.append_conf(shared_conf);
     let hba = node.dir.join("pg_hba.conf");
-    let mut text = fs::read_to_string(&hba).unwrap();
+    let mut text = format!("{hba_first}\n{}", fs::read_to_string(&hba).unwrap());
     text.push_str("\nhost replication postgres 127.0.0.1/32 trust\n");
     fs::write(&hba, text).unwrap();
 }
@@ -418,6 +468,7 @@ impl Pair {
             node1,
             node2,
             after_log,
+            extra: Vec::new(),
         };
         let shared = format!(
             "listen_addresses = '127.0.0.1'
@@ -435,51 +486,44 @@ pg_keeper.keepalive_time = {}
 pg_keeper.keepalive_count = {}
 pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEPER_PEER_CONNINFO\" >> {}'
 {}",
-            pair.node1.conninfo(),
-            pair.node2.conninfo(),
+                        if opts.passwords {
+                format!("{} password=pw-kv-secret", pair.node1.conninfo())
+            } else {
+                pair.node1.conninfo()
+            },
+            if opts.passwords {
+                format!("postgresql://postgres:pw-uri-secret@127.0.0.1:{}/postgres", pair.node2.port)
+            } else {
+                pair.node2.conninfo()
+            },
             opts.keepalive_time,
             opts.keepalive_count,
             pair.after_log.display(),
-            opts.extra
+                        opts.extra.replace("@ROOT@", &pair.root.display().to_string())
         );
         init_primary(&pair.node1, &shared);
         pair.node1.append_conf(&node_conf(&pair.node1, &pair.node2));
         pair.node1.start();
-        run(as_postgres(&format!("{BIN}/pg_basebackup"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &pair.node1.port.to_string(),
-                "-U",
-                "postgres",
-                "-X",
-                "stream",
-                "-D",
-            ])
-            .arg(&pair.node2.dir));
-        pair.node2.append_conf(&node_conf(&pair.node2, &pair.node1));
-        run(as_postgres("touch").arg(pair.node2.dir.join("standby.signal")));
-        pair.node2.start();
+        pair.node2.make_standby_of(&pair.node1);
         pair
     }
 
     /// Starts a pair and waits until both keepers show their connected titles.
     pub fn connected(label: &str, opts: Options) -> Pair {
         let pair = Pair::start(label, opts);
-        assert!(
-            pair.node1
-                .wait_title("master mode:connected", Duration::from_secs(30)),
-            "primary title: {:?}",
-            pair.node1.title()
-        );
-        assert!(
-            pair.node2
-                .wait_title("standby mode:connected", Duration::from_secs(30)),
-            "standby title: {:?}",
-            pair.node2.title()
-        );
+        pair.node1
+            .expect_title("master mode:connected", Duration::from_secs(30));
+        pair.node2
+            .expect_title("standby mode:connected", Duration::from_secs(30));
         pair
+    }
+
+    /// A further standby of node1 (pg_basebackup), streaming as `name`; stopped with the pair.
+    pub fn add_standby(&mut self, name: &'static str) -> &Node {
+        let node = Node::new(name, &self.root, free_port());
+        node.make_standby_of(&self.node1);
+        self.extra.push(node);
+        self.extra.last().unwrap()
     }
 
     /// The after_command log, one line per run.
@@ -515,13 +559,22 @@ pub struct Single {
 
 impl Single {
     pub fn start(label: &str, conf: &str) -> Single {
+        Single::start_with_hba(label, conf, "")
+    }
+
+    pub fn start_with_hba(label: &str, conf: &str, hba_first: &str) -> Single {
+        Single::start_on_port(label, free_port(), conf, hba_first)
+    }
+
+    /// A single server on a port chosen beforehand (so that `conf` can name it).
+    pub fn start_on_port(label: &str, port: u16, conf: &str, hba_first: &str) -> Single {
         let root = new_root(label);
-        let node = Node::new("node1", &root, free_port());
+        let node = Node::new("node1", &root, port);
         let shared = format!(
             "listen_addresses = '127.0.0.1'\nport = {}\nshared_preload_libraries = 'pg_keeper_rs'\nfsync = off\nlog_line_prefix = '%m [%p] '\n{}",
             node.port, conf
         );
-        init_primary(&node, &shared);
+        init_primary_with_hba(&node, &shared, hba_first);
         let single = Single { root, node };
         single.node.start();
         single

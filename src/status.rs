@@ -1,0 +1,178 @@
+//! The keeper's status and event history in shared memory: written by the worker (the state the
+//! decision core decided, the same one the process title shows), read by the SQL functions on
+//! either node. It outlives worker restarts (not server restarts). The pause flag lives here too,
+//! set from SQL and read by the worker.
+
+use pgrx::prelude::*;
+use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
+
+/// How many events the history keeps (the oldest are overwritten).
+pub const HISTORY: usize = 128;
+
+/// A string of at most `N` bytes, stored inline (shared memory cannot hold pointers).
+#[derive(Clone, Copy)]
+pub struct Text<const N: usize> {
+    len: u16,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> Default for Text<N> {
+    fn default() -> Self {
+        Text {
+            len: 0,
+            bytes: [0; N],
+        }
+    }
+}
+
+impl<const N: usize> Text<N> {
+    pub fn set(&mut self, s: &str) {
+        let mut end = s.len().min(N);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
+        self.len = end as u16;
+    }
+
+    pub fn get(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("")
+    }
+
+    fn opt(&self) -> Option<String> {
+        (self.len > 0).then(|| self.get().to_string())
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct EventRecord {
+    /// TimestampTz (microseconds since 2000-01-01).
+    pub at: i64,
+    pub name: Text<32>,
+    pub detail: Text<480>,
+}
+
+#[derive(Clone, Copy)]
+pub struct Shared {
+    pub worker_pid: i32,
+    pub node_name: Text<16>,
+    pub state: Text<64>,
+    pub peer_name: Text<16>,
+    pub peer_host: Text<128>,
+    pub peer_port: i32,
+    pub failures: i32,
+    pub keepalive_count: i32,
+    pub keepalive_time_ms: i64,
+    pub last_answer: i64,
+    pub last_failure: i64,
+    pub last_failure_reason: Text<480>,
+    /// The configuration or replication problem in force, if any.
+    pub problem: Text<480>,
+    pub paused: bool,
+    /// TimestampTz at which the pause ends by itself; 0 = until resumed.
+    pub pause_until: i64,
+    pub events: [EventRecord; HISTORY],
+    /// Events recorded so far (the next slot is `total % HISTORY`).
+    pub total: u64,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            worker_pid: 0,
+            node_name: Text::default(),
+            state: Text::default(),
+            peer_name: Text::default(),
+            peer_host: Text::default(),
+            peer_port: 0,
+            failures: 0,
+            keepalive_count: 0,
+            keepalive_time_ms: 0,
+            last_answer: 0,
+            last_failure: 0,
+            last_failure_reason: Text::default(),
+            problem: Text::default(),
+            paused: false,
+            pause_until: 0,
+            events: [EventRecord::default(); HISTORY],
+            total: 0,
+        }
+    }
+}
+
+// SAFETY: plain data, no pointers.
+unsafe impl PGRXSharedMemory for Shared {}
+
+pub static STATUS: PgLwLock<Shared> = unsafe { PgLwLock::new(c"pg_keeper_rs status") };
+
+/// Set in the postmaster once the shared memory is requested; inherited by every backend.
+static AVAILABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Requests the shared memory; called from `_PG_init` under shared_preload_libraries.
+pub fn init() {
+    pg_shmem_init!(STATUS);
+}
+
+pub fn mark_available() {
+    AVAILABLE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Raises an ERROR in a session where the status cannot exist.
+pub fn require() {
+    if !AVAILABLE.load(std::sync::atomic::Ordering::Relaxed) {
+        error!("pg_keeper_rs is not loaded with shared_preload_libraries on this server");
+    }
+}
+
+pub fn now() -> i64 {
+    // SAFETY: reads the clock.
+    unsafe { pg_sys::GetCurrentTimestamp() }
+}
+
+/// Appends an event to the history.
+pub fn record(name: &str, detail: &str) {
+    let mut s = STATUS.exclusive();
+    let slot = (s.total % HISTORY as u64) as usize;
+    let e = &mut s.events[slot];
+    e.at = now();
+    e.name.set(name);
+    e.detail.set(detail);
+    s.total += 1;
+}
+
+/// Updates the status.
+pub fn publish(update: impl FnOnce(&mut Shared)) {
+    let mut s = STATUS.exclusive();
+    update(&mut s);
+}
+
+/// Whether a pause is asked for, and when it ends by itself (0: never).
+pub fn pause_state() -> (bool, i64) {
+    let s = STATUS.share();
+    (s.paused, s.pause_until)
+}
+
+/// A copy of the status for reading without holding the lock.
+pub fn snapshot() -> Shared {
+    *STATUS.share()
+}
+
+impl Shared {
+    /// The events, oldest first.
+    pub fn history(&self) -> Vec<EventRecord> {
+        let n = (self.total as usize).min(HISTORY);
+        let first = self.total as usize - n;
+        (first..self.total as usize)
+            .map(|i| self.events[i % HISTORY])
+            .collect()
+    }
+
+    pub fn last_event(&self) -> Option<EventRecord> {
+        self.history().last().copied()
+    }
+}
+
+/// Optional text of any size, for the SQL functions.
+pub fn opt<const N: usize>(t: &Text<N>) -> Option<String> {
+    t.opt()
+}

@@ -1,0 +1,506 @@
+//! Never stop protecting silently: bad input, peers that answer but refuse, restarts and crashes
+//! of the worker and its servers, the automatic return to synchronous replication, an
+//! after_command that misbehaves, and passwords. Real servers, as in tests/failover.rs.
+
+mod common;
+
+use std::fs;
+use std::process::Child;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::{time_until, wait_until, Options, Pair, Single};
+
+const BUDGET: Duration = Duration::from_secs(3);
+const MARGIN: Duration = Duration::from_secs(12);
+
+/// Background psql sessions that are killed when dropped.
+struct Sessions(Vec<Child>);
+
+impl Drop for Sessions {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn bad_settings_are_rejected_with_the_setting_named_and_the_old_value_kept() {
+    let other = common::free_port();
+    let single = Single::start("bad-settings", "");
+    let n = &single.node;
+    n.append_conf(&format!(
+        "pg_keeper.node1_conninfo = '{}'\npg_keeper.node2_conninfo = 'host=127.0.0.1 port={other} dbname=postgres'\n\
+         pg_keeper.keepalive_time = 2s\npg_keeper.keepalive_count = 2",
+        n.conninfo()
+    ));
+    n.reload();
+    n.expect_title("master mode", Duration::from_secs(10));
+    let keeper = n.keeper_pid();
+    let conf_path = n.dir.join("postgresql.conf");
+    let good_conf = fs::read_to_string(&conf_path).unwrap();
+
+    // Rejected at once when set with ALTER SYSTEM.
+    let err = n
+        .sql("ALTER SYSTEM SET pg_keeper.keepalive_time = '10ms'")
+        .unwrap_err();
+    assert!(
+        err.contains("pg_keeper.keepalive_time") && err.contains("outside the valid range"),
+        "{err}"
+    );
+    let err = n
+        .sql("ALTER SYSTEM SET pg_keeper.node1_conninfo = 'host=x bogus'")
+        .unwrap_err();
+    assert!(
+        err.contains("pg_keeper.node1_conninfo") && err.contains("does not parse"),
+        "{err}"
+    );
+
+    // Rejected on reload from postgresql.conf, each naming the setting; the old value stays.
+    let cases = [
+        ("pg_keeper.keepalive_time = 0", "pg_keeper.keepalive_time", "outside the valid range"),
+        ("pg_keeper.keepalive_time = -1", "pg_keeper.keepalive_time", "outside the valid range"),
+        ("pg_keeper.keepalive_time = '50ms'", "pg_keeper.keepalive_time", "outside the valid range"),
+        ("pg_keeper.keepalive_count = 0", "pg_keeper.keepalive_count", "outside the valid range"),
+        ("pg_keeper.keepalive_count = -3", "pg_keeper.keepalive_count", "outside the valid range"),
+        ("pg_keeper.node1_conninfo = 'port=5432 bogus'", "pg_keeper.node1_conninfo", "does not parse"),
+        ("pg_keeper.node1_conninfo = ''", "pg_keeper.node1_conninfo", "is empty"),
+        (
+            "pg_keeper.node2_conninfo = 'host=127.0.0.1 port=NODE1PORT dbname=postgres user=postgres'",
+            "pg_keeper.node2_conninfo",
+            "same as pg_keeper.node1_conninfo",
+        ),
+    ];
+    for (line, setting, reason) in cases {
+        let line = line.replace("NODE1PORT", &n.port.to_string());
+        let before = n.sql(&format!("SHOW {setting}")).unwrap();
+        let errors_before = n.log_text().matches("contains errors").count();
+        n.append_conf(&line);
+        n.reload();
+        assert!(
+            wait_until(Duration::from_secs(10), || n
+                .log_text()
+                .matches("contains errors")
+                .count()
+                > errors_before),
+            "no error reported for {line}:\n{}",
+            n.log_text()
+        );
+        let log = n.log_text();
+        assert!(
+            log.contains(&format!("\"{setting}\"")) && log.contains(reason),
+            "{line}: {log}"
+        );
+        assert_eq!(
+            n.sql(&format!("SHOW {setting}")).unwrap(),
+            before,
+            "{line} changed the value"
+        );
+        fs::write(&conf_path, &good_conf).unwrap();
+        n.reload();
+    }
+    assert_eq!(n.keeper_pid(), keeper, "the worker must stay up");
+    assert!(n.title_is("master mode"), "{:?}", n.title());
+}
+
+#[test]
+fn refused_credentials_are_reported_once_and_retried_and_no_password_is_printed() {
+    // The conninfos carry passwords from the start (a reload that changes them makes PostgreSQL
+    // itself log the new value; see the README on passfile).
+    let (port, other) = (common::free_port(), common::free_port());
+    let single = Single::start_on_port(
+        "credentials",
+        port,
+        &format!(
+            "pg_keeper.keepalive_time = 1s\n\
+             pg_keeper.node1_conninfo = 'host=127.0.0.1 port={port} dbname=postgres user=keeper password=pw-cred-secret'\n\
+             pg_keeper.node2_conninfo = 'postgresql://keeper:pw-uri-secret@127.0.0.1:{other}/postgres'"
+        ),
+        "host all keeper 127.0.0.1/32 scram-sha-256",
+    );
+    let n = &single.node;
+    // The role does not exist yet: the server refuses, the keeper says so once, with a hint.
+    n.expect_log("neither node is this server", Duration::from_secs(10));
+    n.expect_title("configuration error", Duration::from_secs(5));
+    sleep(Duration::from_secs(3));
+    assert_eq!(
+        n.log_text().matches("neither node is this server").count(),
+        1
+    );
+
+    // The operator creates the role: retried every keepalive_time, no reload needed.
+    n.sql("CREATE ROLE keeper LOGIN PASSWORD 'pw-cred-secret'")
+        .unwrap();
+    n.expect_log("started in master mode as node1", Duration::from_secs(10));
+    n.expect_title("master mode", Duration::from_secs(5));
+
+    let log = n.log_text();
+    assert!(
+        log.contains("password authentication failed") || log.contains("does not exist"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("pw-cred-secret") && !log.contains("pw-uri-secret"),
+        "a password was logged:\n{log}"
+    );
+    assert!(!n.title().unwrap().contains("secret"));
+}
+
+#[test]
+fn a_peer_at_max_connections_is_alive_and_not_failed_over() {
+    let pair = Pair::connected(
+        "max-connections",
+        Options {
+            extra: "max_connections = 8\nsuperuser_reserved_connections = 1".into(),
+            ..Options::default()
+        },
+    );
+    // The standby's keeper reconnects when it starts again, while the primary is full.
+    pair.node2.stop("fast");
+    let mut sessions = Sessions(Vec::new());
+    let full = wait_until(Duration::from_secs(30), || {
+        match pair.node1.sql("SELECT 1") {
+            Err(e) if e.contains("too many clients") => true,
+            _ => {
+                sessions
+                    .0
+                    .push(pair.node1.sql_background("SELECT pg_sleep(60)"));
+                sleep(Duration::from_millis(200));
+                false
+            }
+        }
+    });
+    assert!(full, "could not fill the primary's connections");
+    pair.node2.start();
+    pair.node2
+        .expect_log("too many clients", Duration::from_secs(10));
+    sleep(BUDGET * 3);
+    assert_eq!(
+        pair.node2.in_recovery(),
+        Some(true),
+        "the standby promoted although the primary answered"
+    );
+    let log = pair.node2.keeper_log().join("\n");
+    assert!(log.contains("is alive but refused the heartbeat"), "{log}");
+    assert!(!log.contains("promoting this standby"), "{log}");
+    assert!(
+        pair.after_commands().is_empty(),
+        "{:?}",
+        pair.after_commands()
+    );
+    drop(sessions);
+    pair.node2
+        .expect_title("standby mode:connected", Duration::from_secs(10));
+}
+
+#[test]
+fn a_standby_started_while_the_primary_is_down_waits_to_see_it_before_arming() {
+    let pair = Pair::connected("never-seen", Options::default());
+    pair.node2.stop("fast");
+    pair.node1.stop("fast");
+    pair.node2.start();
+    pair.node2
+        .expect_title("standby mode", Duration::from_secs(10));
+    sleep(BUDGET * 3);
+    assert_eq!(
+        pair.node2.in_recovery(),
+        Some(true),
+        "a fresh standby promoted itself"
+    );
+    assert!(
+        pair.node2.title_is("standby mode"),
+        "{:?}",
+        pair.node2.title()
+    );
+    let log = pair.node2.log_text();
+    assert_eq!(
+        log.matches("automatic failover is not armed").count(),
+        1,
+        "said once: {log}"
+    );
+
+    // Once the primary has answered, failover is armed.
+    pair.node1.start();
+    pair.node2
+        .expect_title("standby mode:connected", Duration::from_secs(15));
+    pair.node1.kill9();
+    time_until(BUDGET + MARGIN, || pair.node2.in_recovery() == Some(false))
+        .expect("no promotion after arming");
+}
+
+#[test]
+fn the_worker_comes_back_after_termination_and_after_its_own_crash() {
+    let pair = Pair::connected(
+        "worker-crash",
+        Options {
+            keepalive_count: 10,
+            ..Options::default()
+        },
+    );
+
+    // pg_terminate_backend (SIGTERM): restarted by the postmaster, same mode.
+    pair.node1.kill_keeper("-TERM");
+    pair.node1
+        .expect_title("master mode:connected", Duration::from_secs(15));
+
+    // kill -9 of the worker: the server goes through crash recovery and the worker resumes.
+    pair.node2.kill_keeper("-9");
+    pair.node2
+        .expect_title("standby mode:connected", Duration::from_secs(30));
+    assert_eq!(pair.node2.in_recovery(), Some(true));
+    pair.node1.kill_keeper("-9");
+    pair.node1
+        .expect_title("master mode:connected", Duration::from_secs(30));
+    assert_eq!(
+        pair.node2.in_recovery(),
+        Some(true),
+        "a crash-restart of the primary is not a failover"
+    );
+    assert!(
+        pair.after_commands().is_empty(),
+        "{:?}",
+        pair.after_commands()
+    );
+}
+
+#[test]
+fn a_second_standby_is_warned_about_and_losing_the_peer_still_degrades() {
+    let mut pair = Pair::connected("second-standby", Options::default());
+    pair.add_standby("node3");
+    pair.node1
+        .expect_log("2 standbys are streaming", Duration::from_secs(15));
+    assert!(
+        pair.node1.log_text().contains("heartbeats node2"),
+        "{}",
+        pair.node1.log_text()
+    );
+    pair.node2.kill9();
+    pair.node1
+        .expect_title("master mode:async", BUDGET + MARGIN);
+    assert!(pair.the_one_after_command().starts_with("async node1"));
+    assert_eq!(
+        pair.node1.sql("SHOW synchronous_standby_names").unwrap(),
+        ""
+    );
+}
+
+#[test]
+fn synchronous_replication_is_restored_after_the_standby_returns_and_catches_up() {
+    // A 5s budget leaves room to show a commit blocking on a frozen standby.
+    let mut pair = Pair::connected(
+        "sync-restore",
+        Options {
+            keepalive_count: 5,
+            ..Options::default()
+        },
+    );
+    pair.node1
+        .sql("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+        .unwrap();
+
+    pair.node2.kill9();
+    pair.node1
+        .expect_title("master mode:async", Duration::from_secs(5) + MARGIN);
+    assert_eq!(
+        pair.node1.sql("SHOW synchronous_standby_names").unwrap(),
+        ""
+    );
+    pair.node1
+        .sql("INSERT INTO t SELECT generate_series(2, 5000)")
+        .unwrap();
+
+    // The saved value survives a restart of the primary.
+    pair.node1.restart();
+    pair.node1
+        .expect_title("master mode", Duration::from_secs(15));
+    assert_eq!(
+        pair.node1
+            .sql("SHOW pg_keeper.saved_synchronous_standby_names")
+            .unwrap(),
+        "node1, node2"
+    );
+
+    pair.node2.start();
+    let took = time_until(Duration::from_secs(30), || {
+        pair.node1
+            .sql("SHOW synchronous_standby_names")
+            .ok()
+            .as_deref()
+            == Some("node1, node2")
+    })
+    .expect("synchronous replication was not restored");
+    eprintln!("sync restore: {took:?} after the standby started");
+    pair.node1
+        .expect_log("restored synchronous replication", Duration::from_secs(5));
+    pair.node1
+        .expect_title("master mode:connected", Duration::from_secs(5));
+    assert_eq!(
+        pair.node1
+            .sql("SHOW pg_keeper.saved_synchronous_standby_names")
+            .unwrap(),
+        ""
+    );
+    assert_eq!(pair.node2.sql("SELECT count(*) FROM t").unwrap(), "5000");
+
+    // Synchronous for real: a commit waits while the standby is frozen.
+    pair.node2.freeze();
+    let mut blocked = pair.node1.sql_background("INSERT INTO t VALUES (5001)");
+    sleep(Duration::from_millis(1500));
+    let waited = blocked.try_wait().unwrap().is_none();
+    pair.node2.thaw();
+    assert!(
+        waited,
+        "the commit did not wait for the synchronous standby"
+    );
+    assert!(wait_until(Duration::from_secs(10), || matches!(
+        blocked.try_wait(),
+        Ok(Some(_))
+    )));
+    assert!(blocked.wait().unwrap().success());
+
+    // A second loss degrades again.
+    pair.node2.kill9();
+    pair.node1
+        .expect_title("master mode:async", Duration::from_secs(5) + MARGIN);
+    assert!(wait_until(Duration::from_secs(10), || pair
+        .after_commands()
+        .len()
+        >= 3));
+    let events: Vec<String> = pair
+        .after_commands()
+        .iter()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(events, ["async", "sync_restored", "async"]);
+}
+
+#[test]
+fn with_sync_restore_off_replication_stays_asynchronous() {
+    let pair = Pair::connected(
+        "sync-restore-off",
+        Options {
+            extra: "pg_keeper.sync_restore = off".into(),
+            ..Options::default()
+        },
+    );
+    pair.node2.kill9();
+    pair.node1
+        .expect_title("master mode:async", BUDGET + MARGIN);
+    pair.node2.start();
+    pair.node1
+        .expect_title("master mode:connected", Duration::from_secs(20));
+    sleep(Duration::from_secs(4));
+    assert_eq!(
+        pair.node1.sql("SHOW synchronous_standby_names").unwrap(),
+        ""
+    );
+    assert_eq!(
+        pair.the_one_after_command().split(' ').next(),
+        Some("async")
+    );
+}
+
+#[test]
+fn after_command_that_prints_hangs_or_fails_cannot_hurt() {
+    let extra = "pg_keeper.after_command_timeout = 2s\n\
+        pg_keeper.after_command = 'echo \"marker-out $PG_KEEPER_EVENT $PG_KEEPER_PEER_NAME $PG_KEEPER_PEER_HOST:$PG_KEEPER_PEER_PORT tl=$PG_KEEPER_TIMELINE\"; \
+        echo marker-err >&2; if [ $PG_KEEPER_EVENT = async ]; then sleep 600; else exit 3; fi'";
+    let pair = Pair::connected(
+        "after-command",
+        Options {
+            extra: extra.into(),
+            ..Options::default()
+        },
+    );
+    pair.node1.sql("CREATE TABLE t (id int)").unwrap();
+
+    pair.node2.kill9();
+    let started = Instant::now();
+    pair.node1
+        .expect_title("master mode:async", BUDGET + MARGIN);
+    // Printed, to the server log.
+    pair.node1.expect_log(
+        &format!("marker-out async node2 127.0.0.1:{} tl=1", pair.node2.port),
+        Duration::from_secs(5),
+    );
+    pair.node1.expect_log("marker-err", Duration::from_secs(5));
+    // While it hangs, the keeper goes on: commits work and the title is current.
+    pair.node1.sql("INSERT INTO t VALUES (1)").unwrap();
+    pair.node1.expect_log(
+        "did not finish within pg_keeper.after_command_timeout (2s) and was killed",
+        Duration::from_secs(10),
+    );
+    assert!(started.elapsed() < BUDGET + MARGIN + Duration::from_secs(10));
+    let sleepers = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 600"])
+        .output()
+        .unwrap();
+    assert!(
+        sleepers.stdout.is_empty(),
+        "the command's children were not killed"
+    );
+
+    // A failing command: its status is logged as a warning.
+    pair.node2.start();
+    pair.node1.expect_log(
+        "after_command for event sync_restored",
+        Duration::from_secs(30),
+    );
+    pair.node1
+        .expect_log("exited with status 3", Duration::from_secs(10));
+    assert!(pair
+        .node1
+        .log_text()
+        .contains("WARNING:  pg_keeper: after_command for event sync_restored"));
+}
+
+#[test]
+fn no_password_reaches_the_log_the_title_or_after_command() {
+    let pair = Pair::connected(
+        "passwords",
+        Options {
+            passwords: true,
+            extra: "pg_keeper.after_command = 'env | grep ^PG_KEEPER_ | sort >> @ROOT@/env.txt'"
+                .into(),
+            ..Options::default()
+        },
+    );
+    pair.node1.kill9();
+    time_until(BUDGET + MARGIN, || pair.node2.in_recovery() == Some(false)).expect("no promotion");
+    let env_file = pair.root.join("env.txt");
+    assert!(wait_until(Duration::from_secs(10), || fs::read_to_string(
+        &env_file
+    )
+    .is_ok_and(|t| t.contains("PG_KEEPER_EVENT=promote"))));
+    sleep(Duration::from_secs(1));
+    let env = fs::read_to_string(&env_file).unwrap();
+    let peer = env
+        .lines()
+        .find(|l| l.starts_with("PG_KEEPER_PEER_CONNINFO="))
+        .unwrap_or_default();
+    let port = format!("port={}", pair.node1.port);
+    assert!(
+        peer.contains("host=127.0.0.1") && peer.contains(&port),
+        "{env}"
+    );
+    assert!(
+        env.contains("PG_KEEPER_NODE_CONNINFO=") && env.contains("user=postgres"),
+        "{env}"
+    );
+    let titles = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    let everything = format!(
+        "{}\n{}\n{}\n{}",
+        pair.node1.log_text(),
+        pair.node2.log_text(),
+        env,
+        String::from_utf8_lossy(&titles.stdout)
+    );
+    for secret in ["pw-kv-secret", "pw-uri-secret"] {
+        assert!(!everything.contains(secret), "{secret} was printed");
+    }
+}
