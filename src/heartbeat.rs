@@ -124,6 +124,55 @@ fn wait_socket(sock: i32, events: u32, deadline: Instant) -> Wait {
 pub struct Node {
     conninfo: CString,
     conn: *mut pq::PGconn,
+    /// The last message the node sent outside a query (a server that shuts down cleanly says
+    /// so to its clients before closing); written by [`receive_notice`].
+    notice: Box<Notice>,
+}
+
+#[derive(Default)]
+struct Notice {
+    sqlstate: [u8; 5],
+    /// The backend ended because its postmaster died (also SQLSTATE 57P01, but a crash).
+    postmaster_gone: bool,
+}
+
+impl Notice {
+    /// A clean shutdown announced by the server: SQLSTATE 57P01 (admin_shutdown) other than
+    /// the postmaster's death. With server messages in another language the second part cannot
+    /// be told, and the keeper falls back to its regular timing.
+    fn announces_shutdown(&self) -> bool {
+        &self.sqlstate == b"57P01" && !self.postmaster_gone
+    }
+}
+
+/// How the kept connection stands after the node sent something (or closed it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Connection {
+    Open,
+    /// Closed after the server announced a clean shutdown (SQLSTATE 57P01).
+    ClosedByShutdown,
+    /// Closed or broken with no such announcement: a crash, a kill, a lost host.
+    Lost,
+}
+
+/// libpq notice receiver: keeps what tells a shutdown from a crash and drops the text (the
+/// default would print it to the server log without context).
+unsafe extern "C" fn receive_notice(arg: *mut std::ffi::c_void, res: *const pq::PGresult) {
+    if arg.is_null() {
+        return;
+    }
+    let notice = &mut *(arg as *mut Notice);
+    let code = pq::PQresultErrorField(res, pq::PG_DIAG_SQLSTATE as i32);
+    if !code.is_null() && CStr::from_ptr(code).to_bytes().len() == 5 {
+        notice
+            .sqlstate
+            .copy_from_slice(CStr::from_ptr(code).to_bytes());
+    }
+    let text = pq::PQresultErrorField(res, pq::PG_DIAG_MESSAGE_PRIMARY as i32);
+    notice.postmaster_gone = !text.is_null()
+        && CStr::from_ptr(text)
+            .to_string_lossy()
+            .contains("postmaster exit");
 }
 
 impl Drop for Node {
@@ -153,6 +202,42 @@ impl Node {
         Node {
             conninfo: CString::new(conninfo).unwrap_or_default(),
             conn: std::ptr::null_mut(),
+            notice: Box::default(),
+        }
+    }
+
+    /// The socket of the kept connection, if there is one.
+    pub fn socket(&self) -> Option<i32> {
+        // SAFETY: the connection is live while it is not null.
+        (!self.conn.is_null())
+            .then(|| unsafe { pq::PQsocket(self.conn) })
+            .filter(|&s| s >= 0)
+    }
+
+    /// Reads whatever arrived on the idle kept connection, and says whether the node closed it
+    /// and how: a connection lost without a shutdown announcement is evidence that the node's
+    /// server is gone.
+    pub fn check_connection(&mut self) -> Connection {
+        if self.conn.is_null() {
+            return Connection::Lost;
+        }
+        // SAFETY: a live connection in non-blocking mode; consuming input never blocks.
+        // PQisBusy parses what was read, which hands a shutdown announcement to the notice
+        // receiver.
+        let open = unsafe {
+            let read = pq::PQconsumeInput(self.conn) != 0;
+            pq::PQisBusy(self.conn);
+            read && pq::PQstatus(self.conn) == pq::ConnStatusType::CONNECTION_OK
+        };
+        if open {
+            return Connection::Open;
+        }
+        let announced = self.notice.announces_shutdown();
+        self.disconnect();
+        if announced {
+            Connection::ClosedByShutdown
+        } else {
+            Connection::Lost
         }
     }
 
@@ -216,7 +301,14 @@ impl Node {
             }
             poll = unsafe { pq::PQconnectPoll(conn) };
         }
-        unsafe { pq::PQsetnonblocking(conn, 1) };
+        *self.notice = Notice::default();
+        // SAFETY: the box outlives the connection (both belong to self; the connection is
+        // finished first, in disconnect).
+        unsafe {
+            pq::PQsetnonblocking(conn, 1);
+            let slot: *mut Notice = &mut *self.notice;
+            pq::PQsetNoticeReceiver(conn, Some(receive_notice), slot.cast());
+        }
         Ok(())
     }
 

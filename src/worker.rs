@@ -14,7 +14,7 @@ use crate::actuators::{self, Degraded};
 use crate::after_command::{AfterCommands, Context};
 use crate::conninfo::{self, Conninfo};
 use crate::db;
-use crate::heartbeat::{shutdown_requested, Beat, Node};
+use crate::heartbeat::{shutdown_requested, Beat, Connection, Node};
 use crate::identity::{self, Identity};
 use crate::settings::Settings;
 use crate::status;
@@ -137,7 +137,7 @@ impl Worker {
             if self.after.is_running() {
                 wait = wait.min(FAST_POLL);
             }
-            wait_latch(wait);
+            self.wait_for_next_tick(wait);
         }
     }
 
@@ -176,6 +176,43 @@ impl Worker {
             );
         }
         self.set_title();
+    }
+
+    /// Waits on the latch and, while heartbeating, on the kept connection to the peer: when the
+    /// peer's server goes away its backend closes that connection, and the next heartbeat is
+    /// made at once instead of at the next tick (it still takes keepalive_count failures).
+    fn wait_for_next_tick(&mut self, wait: Duration) {
+        let sock = match self.peer.as_ref() {
+            Some(peer) if self.keeper.mode().heartbeats() => peer.socket(),
+            _ => None,
+        };
+        let Some(sock) = sock else {
+            wait_latch(wait, None);
+            return;
+        };
+        if wait_latch(wait, Some(sock)) {
+            let state = self
+                .peer
+                .as_mut()
+                .map_or(Connection::Lost, |p| p.check_connection());
+            match state {
+                Connection::Open => {}
+                // A planned restart of the peer keeps the usual timing.
+                Connection::ClosedByShutdown => self.log(
+                    Level::Log,
+                    "the peer is shutting down; heartbeating it at the usual interval",
+                    None,
+                ),
+                Connection::Lost => {
+                    self.log(
+                        Level::Debug,
+                        "the connection to the peer was lost; heartbeating now",
+                        None,
+                    );
+                    self.last_tick = None;
+                }
+            }
+        }
     }
 
     fn tick_interval(&self) -> Duration {
@@ -564,17 +601,25 @@ impl Worker {
     }
 }
 
-/// Sleeps on the latch for at most `timeout`; wakes early on a signal.
-fn wait_latch(timeout: Duration) {
+/// Sleeps on the latch (and on `socket`, when given, for reading) for at most `timeout`; wakes
+/// early on a signal. Returns whether the socket became readable.
+fn wait_latch(timeout: Duration, socket: Option<i32>) -> bool {
     let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as std::ffi::c_long;
-    // SAFETY: MyLatch is this process's latch.
-    unsafe {
-        pg_sys::WaitLatch(
+    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    if socket.is_some() {
+        events |= pg_sys::WL_SOCKET_READABLE;
+    }
+    // SAFETY: MyLatch is this process's latch; the socket belongs to a live connection.
+    let rc = unsafe {
+        let rc = pg_sys::WaitLatchOrSocket(
             pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            events as i32,
+            socket.unwrap_or(-1) as pg_sys::pgsocket,
             ms,
             pg_sys::PG_WAIT_EXTENSION,
         );
         pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
+        rc
+    };
+    rc & pg_sys::WL_SOCKET_READABLE as i32 != 0
 }

@@ -386,3 +386,59 @@ fn the_original_spellings_work_and_a_conflict_says_which_wins() {
     );
     assert_eq!(n.sql("SHOW pg_keeper.keepalive_time").unwrap(), "1s");
 }
+
+/// A connected pair whose keepers tick a minute apart, with keepalive_count 1.
+fn slow_ticking_pair(label: &str) -> Pair {
+    let pair = Pair::connected(
+        label,
+        Options {
+            keepalive_count: 1,
+            ..Options::default()
+        },
+    );
+    for node in [&pair.node1, &pair.node2] {
+        node.sql("ALTER SYSTEM SET pg_keeper.keepalive_time = '60s'")
+            .unwrap();
+        node.reload();
+        node.expect_log("keepalive_time=60000ms", Duration::from_secs(5));
+    }
+    sleep(Duration::from_secs(1));
+    pair
+}
+
+#[test]
+fn a_closed_heartbeat_connection_is_acted_on_before_the_next_tick() {
+    // Only the evidence of the closed connection can explain a quick failover.
+    let pair = slow_ticking_pair("evidence");
+    let killed = Instant::now();
+    pair.node1.kill9();
+    let promoted = wait_until(Duration::from_secs(20), || {
+        pair.node2.in_recovery() == Some(false)
+    });
+    assert!(
+        promoted,
+        "the standby waited for the next tick instead of acting on the closed connection"
+    );
+    eprintln!(
+        "evidence: promoted {:?} after the kill with 60s ticks",
+        killed.elapsed()
+    );
+    pair.node2
+        .expect_title("master mode:async", Duration::from_secs(5));
+}
+
+#[test]
+fn a_clean_restart_of_the_primary_keeps_the_usual_timing() {
+    // The primary announces its shutdown to its clients: not evidence of a crash.
+    let pair = slow_ticking_pair("clean-restart");
+    pair.node1.restart();
+    pair.node2
+        .expect_log("the peer is shutting down", Duration::from_secs(5));
+    sleep(Duration::from_secs(3));
+    assert_eq!(
+        pair.node2.in_recovery(),
+        Some(true),
+        "a planned restart was failed over"
+    );
+    assert!(pair.after_commands().is_empty());
+}
