@@ -158,6 +158,7 @@ fn a_paused_standby_does_not_promote_and_promotes_again_once_resumed() {
         e.contains(&"paused".into()) && e.contains(&"resumed".into()),
         "{e:?}"
     );
+    pair.wait_synchronous();
     pair.node1.kill9();
     time_until(BUDGET + MARGIN, || pair.node2.in_recovery() == Some(false))
         .expect("no promotion after resume");
@@ -189,4 +190,191 @@ fn a_pause_with_an_interval_ends_by_itself() {
         .sql("SELECT pg_keeper_pause('-5 seconds')")
         .unwrap_err();
     assert!(bad.contains("duration must be positive"), "{bad}");
+}
+
+fn script(name: &str) -> std::process::Command {
+    std::process::Command::new(format!("{}/bin/{name}", env!("CARGO_MANIFEST_DIR")))
+}
+
+/// Runs bin/rejoin; returns its output, or panics with it.
+fn rejoin(old: &common::Node, new_primary: &common::Node) -> String {
+    let out = script("rejoin")
+        .arg("--datadir")
+        .arg(&old.dir)
+        .args(["--primary", &new_primary.conninfo(), "--name", old.name])
+        .arg("--log")
+        .arg(&old.log)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "rejoin failed:\n{text}");
+    text
+}
+
+fn count(node: &common::Node) -> String {
+    node.sql("SELECT count(*) FROM t").unwrap()
+}
+
+#[test]
+fn the_old_primary_rejoins_and_the_pair_fails_over_back_with_all_data() {
+    let pair = installed("rejoin", Options::default());
+    pair.node1
+        .sql("CREATE TABLE t (id int); INSERT INTO t SELECT generate_series(1, 100)")
+        .unwrap();
+
+    pair.node1.kill9();
+    time_until(BUDGET + MARGIN, || pair.node2.in_recovery() == Some(false)).expect("no failover");
+    pair.node2
+        .sql("INSERT INTO t SELECT generate_series(101, 200)")
+        .unwrap();
+
+    // A running server (here the current primary) is never touched.
+    let refused = script("rejoin")
+        .arg("--datadir")
+        .arg(&pair.node2.dir)
+        .args(["--primary", &pair.node1.conninfo(), "--name", "node2"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is running"),
+        "{refused:?}"
+    );
+
+    let said = rejoin(&pair.node1, &pair.node2);
+    assert!(said.contains("node1 is streaming"), "{said}");
+    pair.node1
+        .expect_title("standby mode:connected", Duration::from_secs(20));
+    pair.node2
+        .expect_title("master mode:connected", Duration::from_secs(20));
+    // Fully protected again: synchronous replication is back.
+    assert!(wait_until(Duration::from_secs(30), || pair
+        .node2
+        .sql("SHOW synchronous_standby_names")
+        .is_ok_and(|v| v == "node1, node2")));
+    assert_eq!(count(&pair.node1), "200");
+
+    // And the other way.
+    pair.node2
+        .sql("INSERT INTO t SELECT generate_series(201, 300)")
+        .unwrap();
+    pair.node2.kill9();
+    time_until(BUDGET + MARGIN, || pair.node1.in_recovery() == Some(false))
+        .expect("no failover back");
+    assert_eq!(count(&pair.node1), "300");
+    rejoin(&pair.node2, &pair.node1);
+    pair.node2
+        .expect_title("standby mode:connected", Duration::from_secs(20));
+    pair.node1
+        .expect_title("master mode:connected", Duration::from_secs(20));
+    pair.node1.sql("INSERT INTO t VALUES (301)").unwrap();
+    assert!(wait_until(Duration::from_secs(10), || count(&pair.node2) == "301"));
+}
+
+#[test]
+fn a_switchover_loses_no_committed_row_and_reports_the_outage() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    let pair = installed("switchover", Options::default());
+    pair.node1
+        .sql("CREATE TABLE t (id int PRIMARY KEY)")
+        .unwrap();
+    let target = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} dbname=postgres user=postgres \
+         target_session_attrs=read-write connect_timeout=2",
+        pair.node1.port, pair.node2.port
+    );
+    // A writer through the multi-host conninfo, recording every acknowledged id.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<(i32, Instant)>::new()));
+    let writer = {
+        let (stop, acked, target) = (stop.clone(), acked.clone(), target.clone());
+        std::thread::spawn(move || {
+            let mut id = 0;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                let ok = std::process::Command::new("timeout")
+                    .args([
+                        "60",
+                        &format!("{}/psql", common::BIN),
+                        "-X",
+                        "-q",
+                        "-d",
+                        &target,
+                    ])
+                    .args(["-c", &format!("INSERT INTO t VALUES ({id})")])
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok {
+                    acked.lock().unwrap().push((id, Instant::now()));
+                }
+                sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    sleep(Duration::from_secs(2));
+    let out = script("switchover")
+        .arg("--datadir")
+        .arg(&pair.node1.dir)
+        .args([
+            "--primary",
+            &pair.node1.conninfo(),
+            "--standby",
+            &pair.node2.conninfo(),
+            "--name",
+            "node1",
+        ])
+        .arg("--log")
+        .arg(&pair.node1.log)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "switchover failed:\n{said}");
+    sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+
+    assert_eq!(pair.node2.in_recovery(), Some(false));
+    assert_eq!(pair.node1.in_recovery(), Some(true));
+    assert_eq!(
+        pair.node2.sql("SHOW synchronous_standby_names").unwrap(),
+        "node1, node2"
+    );
+    pair.node1
+        .expect_title("standby mode:connected", Duration::from_secs(20));
+    pair.node2
+        .expect_title("master mode:connected", Duration::from_secs(20));
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 50, "the writer hardly wrote: {}", acked.len());
+    let stored: std::collections::HashSet<i32> = pair
+        .node2
+        .sql("SELECT id FROM t")
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let lost: Vec<i32> = acked
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !stored.contains(id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged commits lost: {lost:?}");
+    let outage = acked.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap();
+    eprintln!(
+        "switchover: {} commits, none lost, longest write pause {outage:?}\n{said}",
+        acked.len()
+    );
+    assert!(outage < Duration::from_secs(60));
+    assert!(said.contains("commits waited"), "{said}");
 }

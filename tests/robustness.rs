@@ -225,6 +225,7 @@ fn a_standby_started_while_the_primary_is_down_waits_to_see_it_before_arming() {
     pair.node1.start();
     pair.node2
         .expect_title("standby mode:connected", Duration::from_secs(15));
+    pair.wait_synchronous();
     pair.node1.kill9();
     time_until(BUDGET + MARGIN, || pair.node2.in_recovery() == Some(false))
         .expect("no promotion after arming");

@@ -476,6 +476,7 @@ shared_preload_libraries = 'pg_keeper_rs'
 wal_level = replica
 hot_standby = on
 wal_log_hints = on
+wal_keep_size = '256MB'
 max_wal_senders = 5
 fsync = off
 synchronous_standby_names = 'node1, node2'
@@ -508,14 +509,39 @@ pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEP
         pair
     }
 
-    /// Starts a pair and waits until both keepers show their connected titles.
+    /// Starts a pair and waits until both keepers show their connected titles and the standby's
+    /// keeper has seen itself synchronous (it promotes only then).
     pub fn connected(label: &str, opts: Options) -> Pair {
         let pair = Pair::start(label, opts);
         pair.node1
             .expect_title("master mode:connected", Duration::from_secs(30));
         pair.node2
             .expect_title("standby mode:connected", Duration::from_secs(30));
+        pair.wait_synchronous();
         pair
+    }
+
+    /// Waits until the primary shows its standby streaming (synchronously when
+    /// synchronous_standby_names is set), then for the standby's keeper to have heartbeated it.
+    pub fn wait_synchronous(&self) {
+        let (primary, standby) = match self.node1.in_recovery() {
+            Some(false) => (&self.node1, &self.node2),
+            _ => (&self.node2, &self.node1),
+        };
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{}' AND state = 'streaming' \
+             AND (current_setting('synchronous_standby_names') = '' OR sync_state = 'sync')",
+            standby.name
+        );
+        let ok = wait_until(Duration::from_secs(30), || {
+            primary.sql(&sql).is_ok_and(|n| n == "1")
+        });
+        assert!(
+            ok,
+            "{} is not streaming from {}",
+            standby.name, primary.name
+        );
+        sleep(Duration::from_millis(1500));
     }
 
     /// A further standby of node1 (pg_basebackup), streaming as `name`; stopped with the pair.
