@@ -60,6 +60,41 @@ pub fn promote() -> Result<(), String> {
         .map_err(|e| format!("could not signal the postmaster: {e}"))
 }
 
+/// Removes a `promote` signal file left behind (the postmaster ignores it outside recovery).
+pub fn remove_promote_file() {
+    let _ = std::fs::remove_file(PathBuf::from(data_directory()).join("promote"));
+}
+
+/// Fences this server after it was superseded: `standby.signal` first, so that it can only start
+/// again as a standby, then a fast shutdown (as `pg_ctl stop -m fast`), which ends every session.
+/// Unlike a read-only setting, no client can undo this.
+pub fn fence() -> Result<(), String> {
+    // SAFETY: DataDir and PostmasterPid are set before any worker starts.
+    let (data_dir, postmaster) = unsafe {
+        (
+            std::ffi::CStr::from_ptr(pg_sys::DataDir)
+                .to_string_lossy()
+                .into_owned(),
+            pg_sys::PostmasterPid,
+        )
+    };
+    let file = PathBuf::from(&data_dir).join("standby.signal");
+    std::fs::write(&file, b"")
+        .map_err(|e| format!("could not create \"{}\": {e}", file.display()))?;
+    sys::signal(postmaster, sys::SIGINT)
+        .map_err(|e| format!("could not signal the postmaster: {e}"))
+}
+
+/// The data directory of this server.
+pub fn data_directory() -> String {
+    // SAFETY: DataDir is set before any worker starts.
+    unsafe {
+        std::ffi::CStr::from_ptr(pg_sys::DataDir)
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
 /// Whether this server is still in recovery (a standby).
 pub fn in_recovery() -> bool {
     // SAFETY: reads shared memory state; no transaction needed.

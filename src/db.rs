@@ -87,6 +87,25 @@ pub fn streaming_standbys() -> Result<Vec<Standby>, String> {
     })
 }
 
+/// Standby only: whether the WAL receiver streams and heard from the primary within `window_ms`.
+pub fn wal_receiver_recent(window_ms: i64) -> Result<bool, String> {
+    in_transaction(|| {
+        Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT count(*)::int4 FROM pg_catalog.pg_stat_wal_receiver \
+                     WHERE status = 'streaming' \
+                       AND last_msg_receipt_time > pg_catalog.clock_timestamp() - $1 * interval '1 ms'",
+                    Some(1),
+                    &[window_ms.into()],
+                )
+                .map_err(|e| e.to_string())?;
+            let n: Option<i32> = rows.first().get_one().map_err(|e| e.to_string())?;
+            Ok(n.unwrap_or(0) > 0)
+        })
+    })
+}
+
 /// The value of a server setting as `SHOW` gives it.
 pub fn setting(name: &CStr) -> String {
     // SAFETY: GetConfigOption returns a pointer into the GUC tables (or NULL with missing_ok).

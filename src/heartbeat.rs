@@ -18,6 +18,10 @@ use keeper_core::Heartbeat;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeFacts {
     pub in_recovery: bool,
+    /// The timeline the node writes (primaries only).
+    pub timeline: Option<u32>,
+    /// The `sync_state` the node (a primary) shows for the asking standby, if it streams.
+    pub sync_state_of_asker: Option<String>,
     /// `pg_postmaster_start_time()` in microseconds since the Unix epoch.
     pub started_at_us: i64,
     pub port: i32,
@@ -47,9 +51,16 @@ impl Beat {
     }
 }
 
+/// The heartbeat: whether the node is in recovery, who it is (postmaster start and port), and on a
+/// primary its timeline and the sync_state of the asking standby ($1 is its application_name).
 const HEARTBEAT_SQL: &CStr = c"SELECT pg_catalog.pg_is_in_recovery(), \
     (extract(epoch FROM pg_catalog.pg_postmaster_start_time()) * 1000000)::int8, \
-    pg_catalog.current_setting('port')::int4";
+    pg_catalog.current_setting('port')::int4, \
+    CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN ('x' || substr(pg_catalog.pg_walfile_name( \
+        pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END, \
+    CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN (SELECT sync_state::text \
+        FROM pg_catalog.pg_stat_replication WHERE application_name = $1 AND state = 'streaming' \
+        LIMIT 1) END";
 
 /// Server answers that mean "alive, but not letting you in right now". libpq reports a server's
 /// refusal with the server's severity (`FATAL:`); the phrases cover servers that answer in
@@ -124,6 +135,8 @@ fn wait_socket(sock: i32, events: u32, deadline: Instant) -> Wait {
 pub struct Node {
     conninfo: CString,
     conn: *mut pq::PGconn,
+    /// This node's application_name as a standby, which the peer shows in pg_stat_replication.
+    asker: CString,
     /// The last message the node sent outside a query (a server that shuts down cleanly says
     /// so to its clients before closing); written by [`receive_notice`].
     notice: Box<Notice>,
@@ -203,7 +216,13 @@ impl Node {
             conninfo: CString::new(conninfo).unwrap_or_default(),
             conn: std::ptr::null_mut(),
             notice: Box::default(),
+            asker: CString::default(),
         }
+    }
+
+    /// Sets the application_name under which this server streams from the node (if it does).
+    pub fn set_asker(&mut self, application_name: &str) {
+        self.asker = CString::new(application_name).unwrap_or_default();
     }
 
     /// The socket of the kept connection, if there is one.
@@ -315,7 +334,21 @@ impl Node {
     /// Sends the heartbeat query on the open connection and reads its answer.
     fn query(&mut self, deadline: Instant) -> Beat {
         let conn = self.conn;
-        if unsafe { pq::PQsendQuery(conn, HEARTBEAT_SQL.as_ptr()) } == 0 {
+        let params = [self.asker.as_ptr()];
+        // SAFETY: one text parameter, NUL-terminated, alive for the call.
+        let sent = unsafe {
+            pq::PQsendQueryParams(
+                conn,
+                HEARTBEAT_SQL.as_ptr(),
+                1,
+                std::ptr::null(),
+                params.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+            )
+        };
+        if sent == 0 {
             return Beat::NoAnswer(error_message(conn));
         }
         let sock = unsafe { pq::PQsocket(conn) };
@@ -396,7 +429,7 @@ fn read_facts(res: *mut pq::PGresult) -> Beat {
     unsafe {
         match pq::PQresultStatus(res) {
             pq::ExecStatusType::PGRES_TUPLES_OK
-                if pq::PQntuples(res) == 1 && pq::PQnfields(res) == 3 =>
+                if pq::PQntuples(res) == 1 && pq::PQnfields(res) == 5 =>
             {
                 let field = |i: i32| {
                     CStr::from_ptr(pq::PQgetvalue(res, 0, i))
@@ -404,9 +437,12 @@ fn read_facts(res: *mut pq::PGresult) -> Beat {
                         .into_owned()
                 };
                 let in_recovery = field(0) == "t";
+                let optional = |i: i32| (pq::PQgetisnull(res, 0, i) == 0).then(|| field(i));
                 match (field(1).parse::<i64>(), field(2).parse::<i32>()) {
                     (Ok(started_at_us), Ok(port)) => Beat::Answered(NodeFacts {
                         in_recovery,
+                        timeline: optional(3).and_then(|t| t.parse().ok()),
+                        sync_state_of_asker: optional(4),
                         started_at_us,
                         port,
                     }),

@@ -68,11 +68,12 @@ fn warn_if_standby_without_hot_standby() {
         .join("standby.signal")
         .exists();
     if standby && !hot_standby {
-        ereport!(
-            PgLogLevel::WARNING,
+        pgrx::pg_sys::panic::ErrorReport::new(
             PgSqlErrorCode::ERRCODE_CONFIG_FILE_ERROR,
             "pg_keeper: hot_standby is off on this standby, so pg_keeper cannot run here and will not promote it",
-            "Set hot_standby = on and restart this server."
-        );
+            "pg_keeper",
+        )
+        .set_hint("Set hot_standby = on and restart this server.")
+        .report(PgLogLevel::WARNING);
     }
 }

@@ -26,6 +26,7 @@ pub static KEEPALIVES_COUNT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static AFTER_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static AFTER_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static SYNC_RESTORE: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static ALLOW_DATA_LOSS_FAILOVER: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// In kB, as PostgreSQL stores memory settings.
 pub static SYNC_RESTORE_LAG: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static DATABASE: GucSetting<Option<CString>> =
@@ -131,6 +132,14 @@ pub fn register() {
         c"Restore synchronous replication once a lost standby is back and has caught up.",
         c"Off keeps replication asynchronous until an operator acts.",
         &SYNC_RESTORE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_keeper.allow_data_loss_failover",
+        c"Promote a standby that was not synchronous when the primary was lost.",
+        c"Off (the default) never promotes a standby that could be missing acknowledged commits.",
+        &ALLOW_DATA_LOSS_FAILOVER,
         GucContext::Sighup,
         GucFlags::default(),
     );
@@ -246,6 +255,7 @@ pub struct Settings {
     pub after_command_timeout: Duration,
     pub sync_restore: bool,
     pub sync_restore_lag_bytes: i64,
+    pub allow_data_loss_failover: bool,
     /// Warnings about how the settings were combined (old and new spellings).
     pub warnings: Vec<String>,
 }
@@ -307,6 +317,7 @@ impl Settings {
             after_command: string_setting(&AFTER_COMMAND),
             after_command_timeout: Duration::from_secs(AFTER_COMMAND_TIMEOUT.get().max(1) as u64),
             sync_restore: SYNC_RESTORE.get(),
+            allow_data_loss_failover: ALLOW_DATA_LOSS_FAILOVER.get(),
             sync_restore_lag_bytes: SYNC_RESTORE_LAG.get() as i64 * 1024,
             warnings,
         }

@@ -28,6 +28,10 @@ struct ReplicationSummary {
     caught_up: bool,
 }
 
+/// A promotion request is made again after this while the server is still in recovery: the
+/// startup process may be sleeping out wal_retrieve_retry_interval when the first one arrives.
+const PROMOTE_AGAIN_AFTER: Duration = Duration::from_millis(250);
+
 /// How often the loop looks at a promotion under way or a running after_command.
 const FAST_POLL: Duration = Duration::from_millis(100);
 
@@ -275,8 +279,9 @@ impl Worker {
             None => ("this node".into(), "the peer".into()),
         };
         keeper_core::Settings {
+            allow_data_loss_failover: self.settings.allow_data_loss_failover,
             keepalive_count: self.settings.keepalive_count,
-            promote_timeout_ms: 60_000,
+            promote_timeout_ms: PROMOTE_AGAIN_AFTER.as_millis() as u64,
             me_name: me,
             peer_name: peer,
         }
@@ -288,6 +293,10 @@ impl Worker {
             self.identify(in_recovery);
             return;
         }
+        if !in_recovery {
+            // A request made just as recovery ended would otherwise stay for a later start.
+            actuators::remove_promote_file();
+        }
         let mode = self.keeper.mode();
         let sync_configured = !db::setting(c"synchronous_standby_names").trim().is_empty();
         let view = if mode.is_master() && !in_recovery {
@@ -295,28 +304,59 @@ impl Worker {
         } else {
             ReplicationSummary::default()
         };
-        let heartbeat = if mode.heartbeats() {
+        let asker = if in_recovery {
+            own_application_name()
+        } else {
+            String::new()
+        };
+        let beat = if mode.heartbeats() {
             let deadline = Instant::now() + self.settings.keepalive_time;
             let Some(peer) = self.peer.as_mut() else {
                 return;
             };
+            peer.set_asker(&asker);
             let beat = peer.beat(deadline);
             if beat == Beat::Interrupted {
                 return;
             }
             self.publish_beat(&beat);
-            beat.for_core()
+            Some(beat)
         } else {
             None
         };
+        let facts = match &beat {
+            Some(Beat::Answered(f)) => Some(f),
+            _ => None,
+        };
+        let my_timeline = actuators::timeline();
+        let wal_receiver_recent = in_recovery && self.wal_receiver_recent();
+        if let Some(f) = facts.filter(|f| in_recovery && !f.in_recovery && wal_receiver_recent) {
+            if f.sync_state_of_asker.is_none() {
+                self.note_once(
+                    Level::Warning,
+                    format!(
+                        "the primary does not show this standby (application_name '{asker}') in pg_stat_replication to the heartbeat's user, so this standby cannot know it is synchronous and will not promote"
+                    ),
+                    Some("Use a superuser or a member of pg_monitor in the node conninfos, and set application_name in primary_conninfo."),
+                );
+            }
+        }
         let obs = Observation {
             now_ms: self.started.elapsed().as_millis() as u64,
             in_recovery,
             sync_configured,
             standby_streaming: view.streaming,
-            heartbeat,
+            heartbeat: beat.as_ref().and_then(Beat::for_core),
             restore_wanted: self.settings.sync_restore && Settings::saved_sync_names().is_some(),
             standby_caught_up: view.caught_up,
+            wal_receiver_recent,
+            // Not listed as streaming by the primary means not synchronous.
+            peer_says_synchronous: facts
+                .filter(|f| in_recovery && !f.in_recovery)
+                .map(|f| matches!(f.sync_state_of_asker.as_deref(), Some("sync" | "quorum"))),
+            peer_newer_primary: facts.is_some_and(|f| {
+                !in_recovery && !f.in_recovery && f.timeline.is_some_and(|t| t > my_timeline)
+            }),
         };
         self.decide(Input::Tick(obs));
     }
@@ -324,6 +364,9 @@ impl Worker {
     fn identify(&mut self, in_recovery: bool) {
         match identity::identify(&self.settings, self.settings.keepalive_time) {
             identity::Outcome::Found(id, peer) => {
+                // The first heartbeat follows at once: a returning old primary must learn quickly
+                // whether it was superseded.
+                self.last_tick = None;
                 let (me, peer_display) = (id.me_name, Conninfo::parse(&id.peer_conninfo).ok());
                 status::publish(|s| {
                     s.node_name.set(me);
@@ -348,6 +391,23 @@ impl Worker {
                 self.decide(Input::IdentityProblem(message));
             }
             identity::Outcome::Interrupted => {}
+        }
+    }
+
+    /// Whether this standby's WAL receiver heard from the primary within the failure window.
+    fn wal_receiver_recent(&mut self) -> bool {
+        let window =
+            self.settings.keepalive_time.as_millis() as i64 * self.settings.keepalive_count as i64;
+        match db::wal_receiver_recent(window) {
+            Ok(recent) => recent,
+            Err(why) => {
+                self.note_once(
+                    Level::Warning,
+                    format!("could not read pg_stat_wal_receiver: {why}"),
+                    None,
+                );
+                false
+            }
         }
     }
 
@@ -429,6 +489,17 @@ impl Worker {
         } else {
             None
         };
+        // A held promotion is shown in the status until the primary answers again.
+        match d.history_name() {
+            "promotion_held" => {
+                let why = self.scrub(&d.sentence);
+                status::publish(|s| s.problem.set(&why));
+            }
+            "heartbeat_ok" | "primary_seen" if d.from != Mode::MasterConnected => {
+                status::publish(|s| s.problem.set(""))
+            }
+            _ => {}
+        }
         if d.level == Level::Debug {
             self.log(d.level, &d.sentence, hint);
         } else {
@@ -488,6 +559,7 @@ impl Worker {
                         None,
                     )
                 }),
+                                Action::Fence => self.fence(),
                 Action::RunAfterCommand(event) => self.run_after_command(event),
             };
             if let Err(why) = result {
@@ -502,6 +574,26 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Shuts this superseded server down so that it starts again only as a standby, and says how
+    /// to rejoin it.
+    fn fence(&self) -> Result<(), String> {
+        let (me, peer) = match &self.identity {
+            Some(id) => (id.me_name, Conninfo::parse(&id.peer_conninfo)?.redacted()),
+            None => return Err("this node is not identified".into()),
+        };
+        actuators::fence()?;
+        self.event(
+            "fenced",
+            Level::Warning,
+            "this server was superseded and is shutting down; it will start again only as a standby",
+            Some(&format!(
+                "To rejoin it as a standby of the new primary, run: bin/rejoin --datadir {} --primary '{peer}' --name {me}",
+                actuators::data_directory()
+            )),
+        );
+        Ok(())
     }
 
     fn degrade_to_async(&self) -> Result<(), String> {
@@ -599,6 +691,19 @@ impl Worker {
             s.keepalive_time_ms = time_ms;
         });
     }
+}
+
+/// The application_name under which this server streams as a standby (from primary_conninfo,
+/// else cluster_name, as the WAL receiver does), to find itself in the primary's
+/// pg_stat_replication.
+fn own_application_name() -> String {
+    let from_conninfo = Conninfo::parse(&db::setting(c"primary_conninfo"))
+        .ok()
+        .and_then(|c| c.get("application_name").map(str::to_string))
+        .filter(|n| !n.is_empty());
+    from_conninfo
+        .or_else(|| Some(db::setting(c"cluster_name")).filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| "walreceiver".to_string())
 }
 
 /// Sleeps on the latch (and on `socket`, when given, for reading) for at most `timeout`; wakes

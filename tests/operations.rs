@@ -262,6 +262,7 @@ fn the_old_primary_rejoins_and_the_pair_fails_over_back_with_all_data() {
     pair.node2
         .sql("INSERT INTO t SELECT generate_series(201, 300)")
         .unwrap();
+    pair.wait_synchronous();
     pair.node2.kill9();
     time_until(BUDGET + MARGIN, || pair.node1.in_recovery() == Some(false))
         .expect("no failover back");

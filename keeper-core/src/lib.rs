@@ -27,6 +27,9 @@ pub enum Mode {
     StandbyConnected,
     /// Standby that asked its server to promote and waits for recovery to end.
     Promoting,
+    /// A primary that found the other node primary on a newer timeline: it has shut its server
+    /// down, to start again only as a standby.
+    Fenced,
 }
 
 impl Mode {
@@ -40,6 +43,7 @@ impl Mode {
             Mode::StandbyWaiting => "standby mode",
             Mode::StandbyConnected => "standby mode:connected",
             Mode::Promoting => "standby mode:promoting",
+            Mode::Fenced => "fenced",
         }
     }
 
@@ -51,14 +55,25 @@ impl Mode {
     }
 
     /// Whether the worker heartbeats the peer in this mode.
+    /// Whether the worker heartbeats the peer in this mode. A primary heartbeats even without a
+    /// standby, to find out if the other node has become a primary on a newer timeline.
     pub fn heartbeats(self) -> bool {
         matches!(
             self,
-            Mode::MasterConnected | Mode::StandbyWaiting | Mode::StandbyConnected
+            Mode::MasterWaiting
+                | Mode::MasterConnected
+                | Mode::MasterAsync
+                | Mode::StandbyWaiting
+                | Mode::StandbyConnected
         )
     }
 
-    pub const ALL: [Mode; 7] = [
+    /// Whether failed heartbeats are counted toward an action in this mode.
+    pub fn counts_failures(self) -> bool {
+        matches!(self, Mode::MasterConnected | Mode::StandbyConnected)
+    }
+
+    pub const ALL: [Mode; 8] = [
         Mode::Unidentified,
         Mode::MasterWaiting,
         Mode::MasterConnected,
@@ -66,6 +81,7 @@ impl Mode {
         Mode::StandbyWaiting,
         Mode::StandbyConnected,
         Mode::Promoting,
+        Mode::Fenced,
     ];
 }
 
@@ -102,6 +118,8 @@ pub enum Action {
     Promote,
     /// Put back the `synchronous_standby_names` saved by `DegradeToAsync`, and reload.
     RestoreSync,
+    /// Stop this server so that it can start again only as a standby.
+    Fence,
     /// Start `pg_keeper.after_command` for this event (when one is set).
     RunAfterCommand(AfterEvent),
 }
@@ -153,6 +171,14 @@ pub struct Observation {
     pub restore_wanted: bool,
     /// (Primary only.) A streaming standby is within `pg_keeper.sync_restore_lag`.
     pub standby_caught_up: bool,
+    /// (Standby only.) The WAL receiver streams and heard from the primary within the failure
+    /// window (`keepalive_time x keepalive_count`): the primary is alive.
+    pub wal_receiver_recent: bool,
+    /// (Standby only.) What the primary's answer said of this standby: synchronous (true), not
+    /// synchronous (false), or nothing (None).
+    pub peer_says_synchronous: Option<bool>,
+    /// (Primary only.) The peer answered as a primary on a newer timeline than this server's.
+    pub peer_newer_primary: bool,
 }
 
 /// One input to the core.
@@ -189,6 +215,15 @@ pub enum Event {
     PeerLost,
     /// The standby answered and has caught up, and a saved synchronous setting waits.
     StandbyCaughtUp,
+    /// The primary stopped answering heartbeats but this standby's WAL receiver still hears
+    /// from it: only the heartbeat path is broken.
+    PeerLostButStreaming,
+    /// The primary is lost but this standby was not synchronous at the last answer: promoting
+    /// could lose acknowledged commits.
+    PeerLostNotSynchronous,
+    /// The other node is a primary on a newer timeline: this primary was superseded.
+    Superseded,
+    FenceFailed,
     RestoreFailed,
     /// The primary has not answered yet since this standby started; failover is not armed.
     PeerNotYetSeen,
@@ -238,6 +273,7 @@ const ASYNC: &[Action] = &[DegradeToAsync, RunAfterCommand(AfterEvent::Async)];
 const PROMOTE: &[Action] = &[DegradeToAsync, Promote];
 const AFTER_PROMOTE: &[Action] = &[RunAfterCommand(AfterEvent::Promote)];
 const RESTORE: &[Action] = &[RestoreSync, RunAfterCommand(AfterEvent::SyncRestored)];
+const FENCE: &[Action] = &[Fence];
 const NONE: &[Action] = &[];
 
 /// Every legal move of the keeper. A (mode, event) pair that is not here leaves the mode as it is
@@ -268,9 +304,16 @@ pub const TRANSITIONS: &[Transition] = &[
     row(StandbyConnected, E::HeartbeatRefused, StandbyConnected, NONE, Warn, "primary {peer} is alive but refused the heartbeat; not counted as a failure"),
     row(StandbyConnected, E::HeartbeatFailed, StandbyConnected, NONE, Log, "heartbeat to primary {peer} failed"),
     row(StandbyConnected, E::PeerLost, Promoting, PROMOTE, Log, "primary {peer} lost; promoting this standby"),
+    row(StandbyConnected, E::PeerLostButStreaming, StandbyConnected, NONE, Log, "not promoting: primary {peer} does not answer heartbeats but this standby's WAL receiver still receives from it"),
+    row(StandbyConnected, E::PeerLostNotSynchronous, StandbyConnected, NONE, Warn, "not promoting: primary {peer} is lost but this standby was not its synchronous standby at the last answer, so acknowledged commits could be lost (pg_keeper.allow_data_loss_failover = on promotes anyway)"),
+    // A primary that finds the other node primary on a newer timeline was superseded.
+    row(MasterWaiting, E::Superseded, Fenced, FENCE, Warn, "superseded: {peer} is a primary on a newer timeline; fencing this server"),
+    row(MasterConnected, E::Superseded, Fenced, FENCE, Warn, "superseded: {peer} is a primary on a newer timeline; fencing this server"),
+    row(MasterAsync, E::Superseded, Fenced, FENCE, Warn, "superseded: {peer} is a primary on a newer timeline; fencing this server"),
+    row(Fenced, E::FenceFailed, Fenced, NONE, Warn, "could not fence this server; stop it by hand"),
     row(Promoting, E::DegradeFailed, Promoting, NONE, Warn, "could not switch to asynchronous replication before promotion; promoting anyway, commits may wait for a synchronous standby"),
     row(Promoting, E::PromoteFailed, StandbyConnected, NONE, Warn, "promotion request failed; will retry"),
-    row(Promoting, E::PromotionSlow, Promoting, &[Promote], Warn, "server is still in recovery after the promotion request; asking again"),
+    row(Promoting, E::PromotionSlow, Promoting, &[Promote], Dbg, "server is still in recovery after the promotion request; asking again"),
     row(Promoting, E::RecoveryEnded, MasterAsync, AFTER_PROMOTE, Log, "promoted: {me} is now the master and {peer} is regarded as the standby"),
     row(Promoting, E::AfterCommandFailed, Promoting, NONE, Warn, "could not start after_command"),
     // Promoted by someone else (pg_ctl promote, pg_promote()).
@@ -279,7 +322,12 @@ pub const TRANSITIONS: &[Transition] = &[
 ];
 
 /// Conditions that can repeat every tick: logged once per distinct reason.
-const ONCE_PER_REASON: &[Event] = &[E::IdentityProblem, E::PeerNotYetSeen, E::HeartbeatRefused];
+const ONCE_PER_REASON: &[Event] = &[
+    E::IdentityProblem,
+    E::PeerNotYetSeen,
+    E::HeartbeatRefused,
+    E::PeerLostNotSynchronous,
+];
 
 /// Looks up the move for a mode and an event.
 pub fn transition(from: Mode, on: Event) -> Option<&'static Transition> {
@@ -291,8 +339,11 @@ pub fn transition(from: Mode, on: Event) -> Option<&'static Transition> {
 pub struct Settings {
     /// Consecutive failed heartbeats before acting (at least 1).
     pub keepalive_count: u32,
-    /// How long a promotion may take before it is requested again.
+    /// How long after a promotion request it is made again while the server is still in
+    /// recovery (a startup process waiting to retry WAL can sleep past a first request).
     pub promote_timeout_ms: u64,
+    /// `pg_keeper.allow_data_loss_failover`: promote even a standby that was not synchronous.
+    pub allow_data_loss_failover: bool,
     /// How the log names this node and the peer, e.g. `node1 (10.0.0.1:5432)`.
     pub me_name: String,
     pub peer_name: String,
@@ -303,6 +354,7 @@ impl Default for Settings {
         Settings {
             keepalive_count: 1,
             promote_timeout_ms: 60_000,
+            allow_data_loss_failover: false,
             me_name: "this node".into(),
             peer_name: "peer".into(),
         }
@@ -349,9 +401,14 @@ impl Decision {
             E::RecoveryEnded if self.from == Promoting => "promoted",
             E::RecoveryEnded => "promoted_outside",
             E::PromotionSlow => "promotion_slow",
-            E::DegradeFailed | E::PromoteFailed | E::RestoreFailed | E::AfterCommandFailed => {
-                "action_failed"
-            }
+            E::PeerLostButStreaming => "promotion_held",
+            E::PeerLostNotSynchronous => "promotion_held",
+            E::Superseded => "superseded",
+            E::DegradeFailed
+            | E::PromoteFailed
+            | E::RestoreFailed
+            | E::FenceFailed
+            | E::AfterCommandFailed => "action_failed",
         }
     }
 }
@@ -368,6 +425,8 @@ pub struct Keeper {
     last_said: Option<(Event, String)>,
     /// Maintenance pause: heartbeat and report, but take no action.
     paused: bool,
+    /// At the last answer of the primary, this standby was its synchronous standby.
+    was_synchronous: bool,
 }
 
 impl Default for Keeper {
@@ -384,6 +443,7 @@ impl Keeper {
             promote_requested_at: None,
             last_said: None,
             paused: false,
+            was_synchronous: false,
         }
     }
 
@@ -430,6 +490,7 @@ impl Keeper {
                     DegradeToAsync => E::DegradeFailed,
                     Promote => E::PromoteFailed,
                     RestoreSync => E::RestoreFailed,
+                    Fence => E::FenceFailed,
                     RunAfterCommand(_) => E::AfterCommandFailed,
                 };
                 (e, why.clone())
@@ -442,42 +503,61 @@ impl Keeper {
         let count = s.keepalive_count.max(1);
         match self.mode {
             Unidentified => (E::Idle, String::new()),
+            MasterWaiting | MasterConnected | MasterAsync
+                if obs.peer_newer_primary && obs.heartbeat == Some(Heartbeat::Answered) =>
+            {
+                (E::Superseded, String::new())
+            }
             MasterWaiting | MasterAsync if obs.standby_streaming => {
                 (E::StandbyStreaming, String::new())
             }
-            MasterWaiting | MasterAsync => (E::Idle, String::new()),
+            MasterWaiting | MasterAsync | Fenced => (E::Idle, String::new()),
             StandbyWaiting | StandbyConnected if !obs.in_recovery => {
                 (E::RecoveryEnded, String::new())
             }
-            MasterConnected | StandbyWaiting | StandbyConnected => match &obs.heartbeat {
-                None => (E::Idle, String::new()),
-                Some(Heartbeat::Answered)
-                    if self.mode == MasterConnected
-                        && obs.restore_wanted
-                        && obs.standby_caught_up
-                        && !obs.sync_configured =>
+            MasterConnected | StandbyWaiting | StandbyConnected => {
+                // A standby that answers but whose replication does not stream cannot confirm
+                // commits: for the primary that is a failure too (a flapping link, say).
+                let not_streaming = self.mode == MasterConnected && !obs.standby_streaming;
+                let failure = match &obs.heartbeat {
+                    None => return (E::Idle, String::new()),
+                    Some(Heartbeat::NoAnswer(why)) => why.clone(),
+                    Some(Heartbeat::Answered) if not_streaming => {
+                        "the standby answers but its replication is not streaming".to_string()
+                    }
+                    Some(Heartbeat::Answered)
+                        if self.mode == MasterConnected
+                            && obs.restore_wanted
+                            && obs.standby_caught_up
+                            && !obs.sync_configured =>
+                    {
+                        return (E::StandbyCaughtUp, String::new());
+                    }
+                    Some(Heartbeat::Answered) => return (E::HeartbeatOk, String::new()),
+                    Some(Heartbeat::Refused(why)) => return (E::HeartbeatRefused, why.clone()),
+                };
+                if self.mode == StandbyWaiting {
+                    return (E::PeerNotYetSeen, failure);
+                }
+                let n = self.failures + 1;
+                let detail = format!("{} ({} of {})", failure, n, count);
+                if n < count {
+                    (E::HeartbeatFailed, detail)
+                } else if self.mode == StandbyConnected && obs.wal_receiver_recent {
+                    (E::PeerLostButStreaming, detail)
+                } else if self.mode == StandbyConnected
+                    && !self.was_synchronous
+                    && !s.allow_data_loss_failover
                 {
-                    (E::StandbyCaughtUp, String::new())
+                    (E::PeerLostNotSynchronous, detail)
+                } else if self.mode == StandbyConnected {
+                    (E::PeerLost, detail)
+                } else if obs.sync_configured {
+                    (E::PeerLostSync, detail)
+                } else {
+                    (E::PeerLostAsync, detail)
                 }
-                Some(Heartbeat::Answered) => (E::HeartbeatOk, String::new()),
-                Some(Heartbeat::Refused(why)) => (E::HeartbeatRefused, why.clone()),
-                Some(Heartbeat::NoAnswer(why)) => {
-                    if self.mode == StandbyWaiting {
-                        return (E::PeerNotYetSeen, why.clone());
-                    }
-                    let n = self.failures + 1;
-                    let detail = format!("{} ({} of {})", why, n, count);
-                    if n < count {
-                        (E::HeartbeatFailed, detail)
-                    } else if self.mode == StandbyConnected {
-                        (E::PeerLost, detail)
-                    } else if obs.sync_configured {
-                        (E::PeerLostSync, detail)
-                    } else {
-                        (E::PeerLostAsync, detail)
-                    }
-                }
-            },
+            }
             Promoting => {
                 if !obs.in_recovery {
                     (E::RecoveryEnded, String::new())
@@ -496,6 +576,14 @@ impl Keeper {
 
     /// Decides what to do about one input, and moves to the next mode.
     pub fn step(&mut self, input: &Input, s: &Settings) -> Decision {
+        if let Input::Tick(Observation {
+            heartbeat: Some(Heartbeat::Answered),
+            peer_says_synchronous: Some(sync),
+            ..
+        }) = input
+        {
+            self.was_synchronous = *sync;
+        }
         let (event, detail) = self.event_for(input, s);
         let from = self.mode;
         let now = match input {
@@ -517,9 +605,12 @@ impl Keeper {
         // Bookkeeping that goes with the event.
         match event {
             E::HeartbeatOk | E::HeartbeatRefused | E::StandbyCaughtUp => self.failures = 0,
-            E::HeartbeatFailed | E::PeerLost | E::PeerLostSync | E::PeerLostAsync => {
-                self.failures += 1
-            }
+            E::HeartbeatFailed
+            | E::PeerLost
+            | E::PeerLostSync
+            | E::PeerLostAsync
+            | E::PeerLostButStreaming
+            | E::PeerLostNotSynchronous => self.failures += 1,
             _ => {}
         }
         if self.paused && t.actions.iter().any(Action::changes_the_cluster) {
@@ -540,17 +631,18 @@ impl Keeper {
         let mut level = t.level;
         if ONCE_PER_REASON.contains(&event) {
             // Said once per distinct reason, then kept quiet until something else happens.
-            if self.last_said.as_ref() == Some(&(event, detail.clone())) {
+            let key = (event, reason_key(&detail).to_string());
+            if self.last_said.as_ref() == Some(&key) {
                 level = Dbg;
             }
-            self.last_said = Some((event, detail.clone()));
+            self.last_said = Some(key);
         } else if event != E::Idle {
             self.last_said = None;
         }
         if t.to != from {
             // Counting starts afresh on entering a heartbeating mode, except when a failed action
             // sends the keeper back: then the count is kept so that the next failure retries.
-            if t.to.heartbeats() && !matches!(event, E::DegradeFailed | E::PromoteFailed) {
+            if t.to.counts_failures() && !matches!(event, E::DegradeFailed | E::PromoteFailed) {
                 self.failures = 0;
             }
         }
@@ -569,6 +661,14 @@ impl Keeper {
             sentence,
             held: false,
         }
+    }
+}
+
+/// A reason without its running count (`... (3 of 5)`), to tell repeats apart.
+fn reason_key(detail: &str) -> &str {
+    match detail.rfind(" (") {
+        Some(i) if detail.ends_with(')') && detail[i..].contains(" of ") => &detail[..i],
+        _ => detail,
     }
 }
 

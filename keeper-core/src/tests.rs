@@ -6,6 +6,7 @@ fn settings(count: u32) -> Settings {
     Settings {
         keepalive_count: count,
         promote_timeout_ms: 10_000,
+        allow_data_loss_failover: false,
         me_name: "node1".into(),
         peer_name: "node2".into(),
     }
@@ -20,6 +21,9 @@ fn tick(now_ms: u64, in_recovery: bool, hb: Option<Heartbeat>) -> Input {
         heartbeat: hb,
         restore_wanted: false,
         standby_caught_up: false,
+        wal_receiver_recent: false,
+        peer_says_synchronous: in_recovery.then_some(true),
+        peer_newer_primary: false,
     })
 }
 
@@ -104,9 +108,27 @@ fn master_waits_for_a_streaming_standby_before_heartbeating() {
         heartbeat: None,
         restore_wanted: false,
         standby_caught_up: false,
+        wal_receiver_recent: false,
+        peer_says_synchronous: None,
+        peer_newer_primary: false,
     });
     assert_eq!(k.step(&quiet, &s).to, MasterWaiting);
-    assert!(!MasterWaiting.heartbeats());
+    // It heartbeats (to notice a newer primary) but counts no failures without a standby.
+    assert!(MasterWaiting.heartbeats() && !MasterWaiting.counts_failures());
+    let unanswered = Input::Tick(Observation {
+        now_ms: 0,
+        in_recovery: false,
+        sync_configured: true,
+        standby_streaming: false,
+        heartbeat: no_answer(),
+        restore_wanted: false,
+        standby_caught_up: false,
+        wal_receiver_recent: false,
+        peer_says_synchronous: None,
+        peer_newer_primary: false,
+    });
+    let d = k.step(&unanswered, &s);
+    assert_eq!((d.to, k.failures(), d.actions.len()), (MasterWaiting, 0, 0));
     let d = k.step(&tick(1, false, None), &s);
     assert_eq!(d.to, MasterConnected);
     assert!(d.sentence.contains("node2 connected"), "{}", d.sentence);
@@ -174,6 +196,9 @@ fn losing_the_standby_with_async_replication_switches_nothing() {
         heartbeat: no_answer(),
         restore_wanted: false,
         standby_caught_up: false,
+        wal_receiver_recent: false,
+        peer_says_synchronous: None,
+        peer_newer_primary: false,
     });
     let d = k.step(&input, &s);
     assert_eq!(d.event, Event::PeerLostAsync);
@@ -370,13 +395,14 @@ fn every_row_is_reachable_from_some_input() {
         Input::ActionFailed(Promote, "b".into()),
         Input::ActionFailed(RunAfterCommand(AfterEvent::Async), "c".into()),
         Input::ActionFailed(RestoreSync, "d".into()),
+        Input::ActionFailed(Fence, "e".into()),
     ];
     for hb in &heartbeats {
         for in_recovery in [false, true] {
             for sync_configured in [false, true] {
                 for standby_streaming in [false, true] {
                     for now_ms in [0, 1_000_000] {
-                        for restore in [false, true] {
+                        for (restore, guard) in [(false, false), (true, false), (false, true)] {
                             inputs.push(Input::Tick(Observation {
                                 now_ms,
                                 in_recovery,
@@ -385,6 +411,9 @@ fn every_row_is_reachable_from_some_input() {
                                 heartbeat: hb.clone(),
                                 restore_wanted: restore,
                                 standby_caught_up: restore,
+                                wal_receiver_recent: guard,
+                                peer_says_synchronous: None,
+                                peer_newer_primary: guard,
                             }));
                         }
                     }
@@ -396,15 +425,18 @@ fn every_row_is_reachable_from_some_input() {
         let s = settings(count);
         for mode in Mode::ALL {
             for input in &inputs {
-                let mut k = Keeper {
-                    mode,
-                    failures: 0,
-                    promote_requested_at: Some(0),
-                    last_said: None,
-                    paused: false,
-                };
-                let d = k.step(input, &s);
-                fired.insert((d.from, d.event));
+                for was_synchronous in [false, true] {
+                    let mut k = Keeper {
+                        mode,
+                        failures: 0,
+                        promote_requested_at: Some(0),
+                        last_said: None,
+                        paused: false,
+                        was_synchronous,
+                    };
+                    let d = k.step(input, &s);
+                    fired.insert((d.from, d.event));
+                }
             }
         }
     }
@@ -427,6 +459,9 @@ fn catch_up_tick(now_ms: u64, caught_up: bool) -> Input {
         heartbeat: Some(Heartbeat::Answered),
         restore_wanted: true,
         standby_caught_up: caught_up,
+        wal_receiver_recent: false,
+        peer_says_synchronous: None,
+        peer_newer_primary: false,
     })
 }
 
@@ -466,6 +501,9 @@ fn nothing_is_restored_when_not_wanted_or_already_synchronous() {
         heartbeat: Some(Heartbeat::Answered),
         restore_wanted: false,
         standby_caught_up: true,
+        wal_receiver_recent: false,
+        peer_says_synchronous: None,
+        peer_newer_primary: false,
     };
     assert!(k.step(&Input::Tick(obs.clone()), &s).actions.is_empty());
     obs.restore_wanted = true;
@@ -548,4 +586,167 @@ fn history_names_the_outcomes() {
     assert_eq!(d.history_name(), "primary_lost");
     let d = k.step(&tick(2, false, None), &s);
     assert_eq!(d.history_name(), "promoted");
+}
+
+fn standby_tick(
+    now_ms: u64,
+    hb: Option<Heartbeat>,
+    wal_recent: bool,
+    says_sync: Option<bool>,
+) -> Input {
+    Input::Tick(Observation {
+        now_ms,
+        in_recovery: true,
+        sync_configured: true,
+        standby_streaming: false,
+        heartbeat: hb,
+        restore_wanted: false,
+        standby_caught_up: false,
+        wal_receiver_recent: wal_recent,
+        peer_says_synchronous: says_sync,
+        peer_newer_primary: false,
+    })
+}
+
+#[test]
+fn a_standby_whose_wal_receiver_still_hears_the_primary_does_not_promote() {
+    let (mut k, s) = standby_connected(2);
+    for n in 1..=5 {
+        let d = k.step(&standby_tick(n, no_answer(), true, None), &s);
+        assert_eq!(d.to, StandbyConnected, "tick {n}");
+        assert!(d.actions.is_empty());
+        if n >= 2 {
+            assert_eq!(d.event, Event::PeerLostButStreaming);
+            assert_eq!(d.level, Level::Log, "the reason is logged each tick");
+        }
+    }
+    // The WAL receiver falls silent too: the count is already past the limit, so it promotes.
+    let d = k.step(&standby_tick(6, no_answer(), false, None), &s);
+    assert_eq!(d.to, Promoting);
+}
+
+#[test]
+fn an_asynchronous_standby_does_not_promote_unless_data_loss_is_allowed() {
+    let mut s = settings(1);
+    let mut k = Keeper::new();
+    k.step(&Input::Identified { in_recovery: true }, &s);
+    // The primary answered but said this standby was not synchronous.
+    k.step(
+        &standby_tick(0, Some(Heartbeat::Answered), false, Some(false)),
+        &s,
+    );
+    assert_eq!(k.mode(), StandbyConnected);
+    let d = k.step(&standby_tick(1, no_answer(), false, None), &s);
+    assert_eq!(d.event, Event::PeerLostNotSynchronous);
+    assert_eq!(d.to, StandbyConnected);
+    assert_eq!(d.level, Level::Warning);
+    assert!(
+        d.sentence.contains("allow_data_loss_failover"),
+        "{}",
+        d.sentence
+    );
+    assert_eq!(
+        k.step(&standby_tick(2, no_answer(), false, None), &s).level,
+        Level::Debug
+    );
+    s.allow_data_loss_failover = true;
+    assert_eq!(
+        k.step(&standby_tick(3, no_answer(), false, None), &s).to,
+        Promoting
+    );
+}
+
+#[test]
+fn the_last_answer_decides_whether_the_standby_was_synchronous() {
+    let s = settings(1);
+    let mut k = Keeper::new();
+    k.step(&Input::Identified { in_recovery: true }, &s);
+    k.step(
+        &standby_tick(0, Some(Heartbeat::Answered), false, Some(true)),
+        &s,
+    );
+    // An answer that says nothing of this standby keeps what was known.
+    k.step(&standby_tick(1, Some(Heartbeat::Answered), false, None), &s);
+    assert_eq!(
+        k.step(&standby_tick(2, no_answer(), false, None), &s).to,
+        Promoting
+    );
+    let mut k = Keeper::new();
+    k.step(&Input::Identified { in_recovery: true }, &s);
+    k.step(
+        &standby_tick(0, Some(Heartbeat::Answered), false, Some(true)),
+        &s,
+    );
+    k.step(
+        &standby_tick(1, Some(Heartbeat::Answered), false, Some(false)),
+        &s,
+    );
+    assert_eq!(
+        k.step(&standby_tick(2, no_answer(), false, None), &s).event,
+        Event::PeerLostNotSynchronous
+    );
+}
+
+#[test]
+fn a_primary_that_finds_a_newer_primary_fences_itself() {
+    let s = settings(3);
+    for start in [MasterWaiting, MasterConnected, MasterAsync] {
+        let mut k = Keeper {
+            mode: start,
+            ..Keeper::new()
+        };
+        let d = k.step(
+            &Input::Tick(Observation {
+                now_ms: 1,
+                in_recovery: false,
+                sync_configured: true,
+                standby_streaming: false,
+                heartbeat: Some(Heartbeat::Answered),
+                restore_wanted: false,
+                standby_caught_up: false,
+                wal_receiver_recent: false,
+                peer_says_synchronous: None,
+                peer_newer_primary: true,
+            }),
+            &s,
+        );
+        assert_eq!(d.to, Fenced, "from {start:?}");
+        assert_eq!(d.actions, vec![Fence]);
+        assert_eq!(d.history_name(), "superseded");
+        assert!(!Fenced.heartbeats());
+        assert_eq!(Fenced.title(), "fenced");
+    }
+}
+
+#[test]
+fn a_standby_that_answers_but_does_not_stream_counts_as_a_failure_for_the_primary() {
+    let (mut k, s) = master_connected(2);
+    let answered_not_streaming = |now_ms| {
+        Input::Tick(Observation {
+            now_ms,
+            in_recovery: false,
+            sync_configured: true,
+            standby_streaming: false,
+            heartbeat: Some(Heartbeat::Answered),
+            restore_wanted: false,
+            standby_caught_up: false,
+            wal_receiver_recent: false,
+            peer_says_synchronous: None,
+            peer_newer_primary: false,
+        })
+    };
+    let d = k.step(&answered_not_streaming(1), &s);
+    assert_eq!(d.event, Event::HeartbeatFailed);
+    assert!(
+        d.sentence.contains("not streaming (1 of 2)"),
+        "{}",
+        d.sentence
+    );
+    // Failures of either kind add up: a flapping link.
+    let d = k.step(&tick(2, false, no_answer()), &s);
+    assert_eq!(d.to, MasterAsync);
+    assert_eq!(
+        d.actions,
+        vec![DegradeToAsync, RunAfterCommand(AfterEvent::Async)]
+    );
 }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod partition;
 use std::fs;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -71,7 +72,9 @@ fn new_root(label: &str) -> PathBuf {
     ));
     let _ = fs::remove_dir_all(&root);
     fs::create_dir_all(&root).unwrap();
-    run(Command::new("chown").args(["-R", "postgres:", "/tmp/pg_keeper_rs_tests"]));
+    // Only this test's directory: others may be created and removed meanwhile.
+    run(Command::new("chown").args(["postgres:", "/tmp/pg_keeper_rs_tests"]));
+    run(Command::new("chown").arg("-R").arg("postgres:").arg(&root));
     root
 }
 
@@ -265,6 +268,21 @@ impl Node {
             .arg("-l")
             .arg(&self.log)
             .args(["-w", "-t", "60", "start"]));
+    }
+
+    /// Starts the server and returns whether pg_ctl saw it come up (a server that stops itself
+    /// during start-up makes pg_ctl fail).
+    pub fn try_start(&self) -> bool {
+        as_postgres(&format!("{BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(&self.dir)
+            .arg("-l")
+            .arg(&self.log)
+            .args(["-w", "-t", "60", "start"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     }
 
     pub fn stop(&self, mode: &str) {
