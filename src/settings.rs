@@ -66,15 +66,18 @@ pub fn register() {
             None,
         );
     }
-    GucRegistry::define_float_guc(
+    GucRegistry::define_float_guc_with_hooks(
         c"pg_keeper.keepalive_time",
         c"Interval between heartbeats to the peer.",
         c"A plain number is seconds; units work ('500ms', '2s'). Each heartbeat must answer within this time.",
         &KEEPALIVE_TIME,
-        MIN_KEEPALIVE_TIME_S,
+        0.0,
         MAX_KEEPALIVE_TIME_S,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+        Some(check_keepalive_time),
+        None,
+        None,
     );
     GucRegistry::define_int_guc(
         c"pg_keeper.keepalive_count",
@@ -230,6 +233,25 @@ unsafe extern "C-unwind" fn check_node2_conninfo(
     check_conninfo(newval, &NODE1_CONNINFO, "pg_keeper.node1_conninfo")
 }
 
+/// Whether an interval (seconds) is under the 100ms floor; '100ms' itself converts to a double a
+/// hair under 0.1, so the comparison allows for that.
+fn below_floor(seconds: f64) -> bool {
+    seconds < MIN_KEEPALIVE_TIME_S - 1e-9
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn check_keepalive_time(
+    newval: *mut f64,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    if below_floor(*newval) {
+        check_detail("The shortest heartbeat interval is 100ms.");
+        return false;
+    }
+    true
+}
+
 #[pg_guard]
 unsafe extern "C-unwind" fn check_alias_time(
     newval: *mut f64,
@@ -237,7 +259,7 @@ unsafe extern "C-unwind" fn check_alias_time(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     let v = *newval;
-    if v != 0.0 && v < MIN_KEEPALIVE_TIME_S {
+    if v != 0.0 && below_floor(v) {
         check_detail("The shortest heartbeat interval is 100ms; 0 means not set.");
         return false;
     }

@@ -47,9 +47,17 @@ fn bad_settings_are_rejected_with_the_setting_named_and_the_old_value_kept() {
         .sql("ALTER SYSTEM SET pg_keeper.keepalive_time = '10ms'")
         .unwrap_err();
     assert!(
-        err.contains("pg_keeper.keepalive_time") && err.contains("outside the valid range"),
+        err.contains("pg_keeper.keepalive_time")
+            && err.contains("shortest heartbeat interval is 100ms"),
         "{err}"
     );
+    // The floor itself is accepted, however its unit conversion rounds.
+    n.sql("ALTER SYSTEM SET pg_keeper.keepalive_time = '100ms'")
+        .unwrap();
+    n.sql("ALTER SYSTEM SET pg_keeper.keepalive_time = 0.1")
+        .unwrap();
+    n.sql("ALTER SYSTEM RESET pg_keeper.keepalive_time")
+        .unwrap();
     let err = n
         .sql("ALTER SYSTEM SET pg_keeper.node1_conninfo = 'host=x bogus'")
         .unwrap_err();
@@ -60,9 +68,10 @@ fn bad_settings_are_rejected_with_the_setting_named_and_the_old_value_kept() {
 
     // Rejected on reload from postgresql.conf, each naming the setting; the old value stays.
     let cases = [
-        ("pg_keeper.keepalive_time = 0", "pg_keeper.keepalive_time", "outside the valid range"),
+        ("pg_keeper.keepalive_time = 0", "pg_keeper.keepalive_time", "shortest heartbeat interval is 100ms"),
         ("pg_keeper.keepalive_time = -1", "pg_keeper.keepalive_time", "outside the valid range"),
-        ("pg_keeper.keepalive_time = '50ms'", "pg_keeper.keepalive_time", "outside the valid range"),
+        ("pg_keeper.keepalive_time = '50ms'", "pg_keeper.keepalive_time", "shortest heartbeat interval is 100ms"),
+        ("pg_keeper.keepalive_time = '99ms'", "pg_keeper.keepalive_time", "shortest heartbeat interval is 100ms"),
         ("pg_keeper.keepalive_count = 0", "pg_keeper.keepalive_count", "outside the valid range"),
         ("pg_keeper.keepalive_count = -3", "pg_keeper.keepalive_count", "outside the valid range"),
         ("pg_keeper.node1_conninfo = 'port=5432 bogus'", "pg_keeper.node1_conninfo", "does not parse"),
