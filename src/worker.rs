@@ -30,7 +30,7 @@ struct ReplicationSummary {
 
 /// A promotion request is made again after this while the server is still in recovery: the
 /// startup process may be sleeping out wal_retrieve_retry_interval when the first one arrives.
-const PROMOTE_AGAIN_AFTER: Duration = Duration::from_millis(250);
+const PROMOTE_AGAIN_AFTER: Duration = Duration::from_millis(100);
 
 /// How often the loop looks at a promotion under way or a running after_command.
 const FAST_POLL: Duration = Duration::from_millis(100);

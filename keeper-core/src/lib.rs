@@ -270,7 +270,9 @@ use Level::{Debug as Dbg, Log, Warning as Warn};
 use Mode::*;
 
 const ASYNC: &[Action] = &[DegradeToAsync, RunAfterCommand(AfterEvent::Async)];
-const PROMOTE: &[Action] = &[DegradeToAsync, Promote];
+/// Promote first: a reload before the request would wake the startup process too early, and it
+/// could then sleep out wal_retrieve_retry_interval before it sees the request.
+const PROMOTE: &[Action] = &[Promote, DegradeToAsync];
 const AFTER_PROMOTE: &[Action] = &[RunAfterCommand(AfterEvent::Promote)];
 const RESTORE: &[Action] = &[RestoreSync, RunAfterCommand(AfterEvent::SyncRestored)];
 const FENCE: &[Action] = &[Fence];
@@ -311,7 +313,7 @@ pub const TRANSITIONS: &[Transition] = &[
     row(MasterConnected, E::Superseded, Fenced, FENCE, Warn, "superseded: {peer} is a primary on a newer timeline; fencing this server"),
     row(MasterAsync, E::Superseded, Fenced, FENCE, Warn, "superseded: {peer} is a primary on a newer timeline; fencing this server"),
     row(Fenced, E::FenceFailed, Fenced, NONE, Warn, "could not fence this server; stop it by hand"),
-    row(Promoting, E::DegradeFailed, Promoting, NONE, Warn, "could not switch to asynchronous replication before promotion; promoting anyway, commits may wait for a synchronous standby"),
+    row(Promoting, E::DegradeFailed, Promoting, NONE, Warn, "could not switch to asynchronous replication after the promotion request; commits may wait for a synchronous standby until it is fixed"),
     row(Promoting, E::PromoteFailed, StandbyConnected, NONE, Warn, "promotion request failed; will retry"),
     row(Promoting, E::PromotionSlow, Promoting, &[Promote], Dbg, "server is still in recovery after the promotion request; asking again"),
     row(Promoting, E::RecoveryEnded, MasterAsync, AFTER_PROMOTE, Log, "promoted: {me} is now the master and {peer} is regarded as the standby"),

@@ -248,7 +248,7 @@ fn standby_promotes_after_count_failures_and_becomes_master_when_recovery_ends()
     );
     let d = k.step(&tick(2000, true, no_answer()), &s);
     assert_eq!(d.to, Promoting);
-    assert_eq!(d.actions, vec![DegradeToAsync, Promote]);
+    assert_eq!(d.actions, vec![Promote, DegradeToAsync]);
     // Still in recovery a moment later: nothing new.
     let d = k.step(&tick(2100, true, None), &s);
     assert_eq!(d.to, Promoting);
@@ -558,7 +558,7 @@ fn paused_keeper_heartbeats_and_counts_but_does_not_act_until_resumed() {
     k.set_paused(false);
     let d = k.step(&tick(4, true, no_answer()), &s);
     assert_eq!(d.to, Promoting);
-    assert_eq!(d.actions, vec![DegradeToAsync, Promote]);
+    assert_eq!(d.actions, vec![Promote, DegradeToAsync]);
 }
 
 #[test]
