@@ -1,0 +1,435 @@
+"""The four measurements: primary crash, standby crash, keeper overhead (CPU and memory while
+heartbeating), and pgbench throughput with and without the extension.
+
+Each trial returns a dict of figures (seconds, counts, MB) or raises; the caller records a
+raised error as a failed repetition and goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+import psycopg
+
+from pgpair import BIN, BenchError, Node, Pair, Registry, cpu_ns, cpu_ticks, make_pair, memory_kb, parse_log, wait_until
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Setting:
+    ktime_ms: int
+    kcount: int
+
+    @property
+    def budget(self) -> float:
+        """keepalive_time x keepalive_count, in seconds: the detection budget."""
+        return self.ktime_ms * self.kcount / 1000.0
+
+    @property
+    def label(self) -> str:
+        t = f"{self.ktime_ms // 1000}s" if self.ktime_ms % 1000 == 0 else f"{self.ktime_ms}ms"
+        return f"{t} x {self.kcount}"
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace(" x ", "x")
+
+
+SETTING_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*[x:*]\s*(\d+)\s*$", re.I)
+
+
+def parse_setting(text: str) -> Setting:
+    m = SETTING_RE.match(text)
+    if not m:
+        raise ValueError(f"bad setting {text!r}: expected like '200ms x 3' or '1s:3'")
+    value, unit, count = float(m.group(1)), m.group(2).lower(), int(m.group(3))
+    ms = int(round(value * (1000 if unit == "s" else 1)))
+    if ms < 100 or count < 1:
+        raise ValueError(f"bad setting {text!r}: keepalive_time must be >= 100ms and count >= 1")
+    return Setting(ms, count)
+
+
+# ---------------------------------------------------------------- the writing client
+
+class Writer(threading.Thread):
+    """A client that commits one small row every `interval` seconds (autocommit INSERT).
+
+    After a failed commit it reconnects at once; a failed connection attempt is retried one
+    interval later. Every acknowledged commit is recorded as (id, Unix time of the ack, port of
+    the server that acknowledged it)."""
+
+    def __init__(self, conninfo: str, interval: float = 0.01):
+        super().__init__(daemon=True)
+        self.conninfo = conninfo
+        self.interval = interval
+        self.acks: list[tuple[int, float, int]] = []
+        self.failures: list[tuple[float, str]] = []
+        self.connects: list[tuple[float, int]] = []
+        self._stop_flag = threading.Event()
+        self._next_id = 1
+        self.conn: psycopg.Connection | None = None
+
+    def stop(self) -> None:
+        self._stop_flag.set()
+
+    def acks_since(self, t: float, port: int | None = None) -> list[tuple[int, float, int]]:
+        return [a for a in list(self.acks) if a[1] > t and (port is None or a[2] == port)]
+
+    def run(self) -> None:
+        port = 0
+        while not self._stop_flag.is_set():
+            if self.conn is None:
+                try:
+                    self.conn = psycopg.connect(self.conninfo, autocommit=True)
+                    port = int(self.conn.info.port)
+                    self.connects.append((time.time(), port))
+                except Exception as e:
+                    self.failures.append((time.time(), f"connect: {str(e).splitlines()[0] if str(e) else e!r}"))
+                    self.conn = None
+                    self._stop_flag.wait(self.interval)
+                    continue
+            i = self._next_id
+            self._next_id += 1
+            t0 = time.monotonic()
+            try:
+                self.conn.execute("INSERT INTO bench_writes (id) VALUES (%s)", (i,))
+                self.acks.append((i, time.time(), port))
+            except Exception as e:
+                self.failures.append((time.time(), f"commit {i}: {str(e).splitlines()[0] if str(e) else e!r}"))
+                try:
+                    self.conn.close()
+                except Exception:
+                    pass
+                self.conn = None
+                continue  # reconnect at once
+            pause = self.interval - (time.monotonic() - t0)
+            if pause > 0:
+                self._stop_flag.wait(pause)
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:
+                pass
+
+
+def stop_writer(w: Writer | None) -> None:
+    if w is not None:
+        w.stop()
+        w.join(5)
+
+
+def missing_acked(node: Node, writer: Writer) -> tuple[int, int]:
+    """(acknowledged ids missing on `node`, ids present there that were never acknowledged)."""
+    present = {r[0] for r in node.query("SELECT id FROM bench_writes", timeout=5)}
+    acked = {a[0] for a in writer.acks}
+    return len(acked - present), len(present - acked)
+
+
+CREATE_TABLE = "CREATE TABLE bench_writes (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
+
+
+def _warm_up(w: Writer, setting: Setting) -> None:
+    t0 = time.monotonic()
+    if not wait_until(20, lambda: len(w.acks) >= 50, 0.05):
+        raise BenchError(f"the client made only {len(w.acks)} commits in 20s before the crash "
+                         f"(last error: {w.failures[-1][1] if w.failures else 'none'})")
+    # Steady state: one full keepalive_time with the standby synchronous and the client writing,
+    # so that every keeper's last answer from its peer shows the pair as it runs. Then a random
+    # extra wait puts the crash at a random point of the heartbeat cycle.
+    ktime = setting.ktime_ms / 1000.0
+    time.sleep(max(0.0, ktime + 0.1 - (time.monotonic() - t0)) + random.uniform(0, ktime))
+
+
+# Server (not keeper) log lines that show the recovery and promotion steps.
+SERVER_EVENTS = ("promote", "waiting for WAL", "redo done", "archive recovery complete", "ready to accept",
+                 "selected new timeline", "could not receive data", "could not connect to the primary")
+
+
+def _keeper_log(pair: Pair, since: float) -> list[str]:
+    """The keepers' log lines and the server's recovery lines from 1 s before `since` on, with
+    times relative to `since`."""
+    out = []
+    for n in pair.nodes:
+        for ln in parse_log(n.log):
+            if ln.t < since - 1.0:
+                continue
+            if "pg_keeper:" in ln.text or any(e in ln.text for e in SERVER_EVENTS):
+                out.append((ln.t, f"{n.name} {ln.t - since:+8.3f}s {ln.text}"))
+    return [text for _, text in sorted(out, key=lambda x: x[0])]
+
+
+# ---------------------------------------------------------------- 1. primary crash
+
+def primary_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
+    """kill -9 of the primary's postmaster under a writing client; the standby must take over."""
+    pair = make_pair(reg, f"primary-crash-{s.slug}", s.ktime_ms, s.kcount)
+    w = None
+    t_kill = None
+    try:
+        n1, n2 = pair.node1, pair.node2
+        n1.query(CREATE_TABLE)
+        w = Writer(pair.multihost())
+        w.start()
+        _warm_up(w, s)
+        t_kill = n1.kill9()
+        limit = s.budget + 30
+        if not wait_until(limit, lambda: w.acks_since(t_kill, n2.port), 0.02):
+            raise BenchError(f"no commit accepted by node2 within {limit:.1f}s after the kill "
+                             f"(node2 title {n2.title()}, last client error: {w.failures[-1][1] if w.failures else 'none'})")
+        time.sleep(0.5)
+        stop_writer(w)
+        n1.wait_gone(20)
+
+        last_old = max(a[1] for a in w.acks if a[2] == n1.port)
+        first_new = min(a[1] for a in w.acks if a[2] == n2.port)
+        lost = n2.first_line("lost; promoting", t_kill)
+        ready = n2.first_line("database system is ready to accept connections", t_kill, keeper_only=False)
+        promoted = n2.first_line("promoted:", t_kill)
+        if lost is None:
+            raise BenchError("node2 accepted writes but its log has no 'lost; promoting' line")
+        # The standby accepts writes when its recovery ends (the server's own log line); the
+        # keeper's `promoted:` line follows once the keeper notices.
+        writable = ready.t if ready else (promoted.t if promoted else None)
+        if writable is None:
+            raise BenchError("node2 accepted writes but its log shows no end of recovery")
+        outage = first_new - last_old
+        detection = lost.t - t_kill
+        promotion = writable - lost.t
+        missing, unacked = missing_acked(n2, w)
+        return {
+            "outage_s": outage,
+            "detection_s": detection,
+            "promotion_s": promotion,
+            "reconnection_s": outage - detection - promotion,
+            "keeper_promoted_line_s": (promoted.t - t_kill) if promoted else float("nan"),
+            "lost_commits": missing,
+            "unacked_but_present": unacked,
+            "acked_commits": len(w.acks),
+            "client_failures": len(w.failures),
+        }
+    finally:
+        stop_writer(w)
+        if t_kill is not None:
+            log_sink.append(f"## primary crash {s.label} (times relative to the kill)")
+            log_sink.extend(_keeper_log(pair, t_kill))
+        pair.destroy()
+
+
+# ---------------------------------------------------------------- 2. standby crash
+
+def standby_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
+    """kill -9 of the synchronous standby's postmaster; commits on the primary stall until its
+    keeper switches to asynchronous replication."""
+    pair = make_pair(reg, f"standby-crash-{s.slug}", s.ktime_ms, s.kcount)
+    w = None
+    t_kill = None
+    try:
+        n1, n2 = pair.node1, pair.node2
+        n1.query(CREATE_TABLE)
+        w = Writer(n1.conninfo("connect_timeout=2"))
+        w.start()
+        _warm_up(w, s)
+        t_kill = n2.kill9()
+        limit = s.budget + 30
+
+        def released():
+            line = n1.first_line("changed replication mode to asynchronous", t_kill)
+            return line is not None and bool(w.acks_since(line.t - 0.01))
+
+        if not wait_until(limit, released, 0.02):
+            raise BenchError(f"commits on node1 not released within {limit:.1f}s after the kill "
+                             f"(node1 title {n1.title()}, acks since kill {len(w.acks_since(t_kill))})")
+        time.sleep(0.5)
+        stop_writer(w)
+        n2.wait_gone(20)
+
+        times = [a[1] for a in w.acks]
+        before = [t for t in times if t <= t_kill]
+        if not before:
+            raise BenchError("no commit acknowledged before the kill")
+        start = times.index(before[-1])
+        # The stall is the longest gap between consecutive acknowledged commits from the last
+        # one before the kill onwards (a commit the standby had already confirmed may still be
+        # acknowledged just after the kill).
+        gaps = [(times[i + 1] - times[i], i) for i in range(start, len(times) - 1)]
+        if not gaps:
+            raise BenchError("no commit acknowledged after the kill")
+        stall, _ = max(gaps)
+        lost = n1.first_line("lost; switching to asynchronous", t_kill)
+        switched = n1.first_line("changed replication mode to asynchronous", t_kill)
+        if lost is None or switched is None:
+            raise BenchError("node1's log lacks the 'lost; switching' / 'changed replication mode' lines")
+        detection = lost.t - t_kill
+        switch = switched.t - lost.t
+        missing, unacked = missing_acked(n1, w)
+        return {
+            "stall_s": stall,
+            "detection_s": detection,
+            "switch_s": switch,
+            "release_s": stall - detection - switch,
+            "lost_commits": missing,
+            "acked_commits": len(w.acks),
+            "client_failures": len(w.failures),
+        }
+    finally:
+        stop_writer(w)
+        if t_kill is not None:
+            log_sink.append(f"## standby crash {s.label} (times relative to the kill)")
+            log_sink.extend(_keeper_log(pair, t_kill))
+        pair.destroy()
+
+
+# ---------------------------------------------------------------- 3. overhead of the keeper
+
+def _heartbeat_backends(node: Node) -> list[int]:
+    """Backends on `node` that serve the peer keeper's heartbeat connection."""
+    rows = node.query("SELECT pid FROM pg_stat_activity WHERE application_name = 'pg_keeper' "
+                      "AND pid <> pg_backend_pid()")
+    return [r[0] for r in rows]
+
+
+def _snapshot(pair: Pair) -> dict:
+    snap = {}
+    for n in pair.nodes:
+        kp = n.keeper_pid()
+        if kp is None:
+            raise BenchError(f"{n.name}: no pg_keeper process")
+        backends = {p: (cpu_ticks(p), cpu_ns(p)) for p in _heartbeat_backends(n)}
+        snap[n.name] = {"keeper": kp, "ticks": cpu_ticks(kp), "ns": cpu_ns(kp), "backends": backends,
+                        "title": n.title()[1] if n.title() else None}
+    return snap
+
+
+def overhead_start(reg: Registry, settings: list[Setting]) -> dict[Setting, Pair | Exception]:
+    """One idle connected pair per setting, all running at once."""
+    pairs: dict[Setting, Pair | Exception] = {}
+    for s in settings:
+        try:
+            pairs[s] = make_pair(reg, f"overhead-{s.slug}", s.ktime_ms, s.kcount)
+        except Exception as e:
+            pairs[s] = e
+    time.sleep(2)  # let start-up work settle
+    return pairs
+
+
+def overhead_window(pairs: dict[Setting, Pair | Exception], duration: float) -> dict[Setting, dict | Exception]:
+    """Measures every pair's keepers over the same `duration` seconds of idle heartbeating."""
+    before: dict[Setting, dict | Exception] = {}
+    for s, p in pairs.items():
+        if isinstance(p, Exception):
+            before[s] = p
+            continue
+        try:
+            before[s] = _snapshot(p)
+        except Exception as e:
+            before[s] = e
+    t0 = time.monotonic()
+    time.sleep(duration)
+    elapsed = time.monotonic() - t0
+    per_hour = 3600.0 / elapsed
+    results: dict[Setting, dict | Exception] = {}
+    for s, p in pairs.items():
+        b = before[s]
+        if isinstance(b, Exception):
+            results[s] = b
+            continue
+        try:
+            a = _snapshot(p)
+            r = {}
+            backend_ticks = backend_ns = 0
+            backends_stable = True
+            for name, role in (("node1", "primary"), ("node2", "standby")):
+                if a[name]["keeper"] != b[name]["keeper"]:
+                    raise BenchError(f"{name}'s keeper restarted during the window")
+                if not (a[name]["title"] or "").endswith("connected)"):
+                    raise BenchError(f"{name}'s keeper left the connected state: {a[name]['title']}")
+                r[f"{role}_keeper_cpu_s_per_h"] = (a[name]["ticks"] - b[name]["ticks"]) / CLK_TCK * per_hour
+                if a[name]["ns"] is not None and b[name]["ns"] is not None:
+                    r[f"{role}_keeper_sched_cpu_s_per_h"] = (a[name]["ns"] - b[name]["ns"]) / 1e9 * per_hour
+                mem = memory_kb(a[name]["keeper"])
+                r[f"{role}_keeper_rss_mb"] = mem.get("VmRSS", float("nan")) / 1024
+                for key in ("RssAnon", "RssFile", "RssShmem"):
+                    r[f"{role}_keeper_{key[3:].lower()}_mb"] = mem.get(key, float("nan")) / 1024
+                for pid, (ticks, ns) in a[name]["backends"].items():
+                    if pid in b[name]["backends"] and ticks is not None and b[name]["backends"][pid][0] is not None:
+                        backend_ticks += ticks - b[name]["backends"][pid][0]
+                        if ns is not None and b[name]["backends"][pid][1] is not None:
+                            backend_ns += ns - b[name]["backends"][pid][1]
+                    else:
+                        backends_stable = False
+                if set(a[name]["backends"]) != set(b[name]["backends"]):
+                    backends_stable = False
+            if backends_stable:
+                r["heartbeat_backends_cpu_s_per_h"] = backend_ticks / CLK_TCK * per_hour
+                r["heartbeat_backends_sched_cpu_s_per_h"] = backend_ns / 1e9 * per_hour
+            results[s] = r
+        except Exception as e:
+            results[s] = e
+    return results
+
+
+# ---------------------------------------------------------------- 4. pgbench
+
+TPS_RE = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
+
+
+def run_pgbench(node: Node, args: list[str], timeout: float) -> str:
+    cmd = [f"{BIN}/pgbench", "-h", "127.0.0.1", "-p", str(node.port), "-U", "postgres", *args, "postgres"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"pgbench {' '.join(args)} did not finish within {timeout:.0f}s") from e
+    if out.returncode != 0:
+        raise BenchError(f"pgbench {' '.join(args)} failed: {out.stderr.strip()[-500:]}")
+    return out.stdout
+
+
+def pgbench_tps(node: Node, clients: int, jobs: int, seconds: int) -> float:
+    out = run_pgbench(node, ["-c", str(clients), "-j", str(jobs), "-T", str(seconds), "-N", "-n"], seconds + 120)
+    m = TPS_RE.search(out)
+    if not m:
+        raise BenchError(f"no tps in pgbench output: {out[-300:]}")
+    return float(m.group(1))
+
+
+class PgbenchAB:
+    """Two pairs with identical settings, A with pg_keeper_rs loaded and B without it, each
+    initialised with `pgbench -i`; runs alternate A B A B on the primaries."""
+
+    def __init__(self, reg: Registry, s: Setting, scale: int, clients: int, jobs: int, seconds: int):
+        self.s, self.clients, self.jobs, self.seconds = s, clients, jobs, seconds
+        self.a = self.b = None
+        try:
+            self.a = make_pair(reg, f"pgbench-with-{s.slug}", s.ktime_ms, s.kcount, extension=True)
+            self.b = make_pair(reg, f"pgbench-without-{s.slug}", s.ktime_ms, s.kcount, extension=False)
+            for p in (self.a, self.b):
+                run_pgbench(p.node1, ["-i", "-s", str(scale), "-q"], 600)
+            for p in (self.a, self.b):  # one short unmeasured run each, to warm the caches
+                pgbench_tps(p.node1, clients, jobs, 5)
+        except BaseException:
+            self.destroy()
+            raise
+
+    def one_pair(self) -> dict:
+        t0 = time.time()
+        tps_a = pgbench_tps(self.a.node1, self.clients, self.jobs, self.seconds)
+        tps_b = pgbench_tps(self.b.node1, self.clients, self.jobs, self.seconds)
+        titles = [n.title() for n in self.a.nodes]
+        # Under load the keeper must neither miss heartbeats nor act.
+        acted = [ln.text for n in self.a.nodes for ln in n.keeper_lines(t0)
+                 if "failed" in ln.text or "lost" in ln.text or "no answer" in ln.text]
+        return {"tps_with": tps_a, "tps_without": tps_b, "ratio": tps_a / tps_b,
+                "keeper_events_under_load": len(acted),
+                "keepers_connected": int(all(t and t[1].endswith("connected)") for t in titles))}
+
+    def destroy(self) -> None:
+        for p in (self.a, self.b):
+            if p is not None:
+                p.destroy()

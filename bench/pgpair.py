@@ -1,0 +1,449 @@
+"""Real PostgreSQL 15 servers for the benchmark: a primary/standby pair protected by pg_keeper_rs
+(or the same pair without the extension), on 127.0.0.1 with free ports, run as the `postgres` OS
+user under one temporary directory.
+
+Every server started here is remembered together with the processes it forked, so that
+`Registry.cleanup()` can stop all of them (pg_ctl -m immediate, then kill -9 of what is left),
+also after an error or Ctrl-C. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+
+BIN = "/usr/lib/postgresql/15/bin"
+PG_USER = "postgres"
+
+# Extra postgresql.conf lines for both nodes of every pair (bench/run --conf).
+EXTRA_CONF: list[str] = []
+
+
+class BenchError(Exception):
+    """A step of a measurement failed; the repetition is reported as failed."""
+
+
+def wait_until(timeout: float, pred, interval: float = 0.05):
+    """Polls `pred` until it returns something truthy or `timeout` seconds pass.
+
+    Returns the truthy value, or None on timeout."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            value = pred()
+        except Exception:  # a probe that fails is "not yet"
+            value = None
+        if value:
+            return value
+        if time.monotonic() >= end:
+            return None
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_postgres(args: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs a server binary as the postgres OS user (initdb and postgres refuse root)."""
+    cmd = ["runuser", "-u", PG_USER, "--", *args]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{' '.join(args[:2])} did not finish within {timeout}s") from e
+    if check and out.returncode != 0:
+        raise BenchError(f"{' '.join(args)} failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
+    return out
+
+
+# ---------------------------------------------------------------- processes
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (tells a pid from a reused one)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def alive(pid: int) -> bool:
+    return proc_start_time(pid) is not None
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, timeout=10)
+    return [int(p) for p in out.stdout.split()]
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process, in clock ticks."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def cpu_ns(pid: int) -> int | None:
+    """Time on CPU from the scheduler (/proc/PID/schedstat), in nanoseconds: finer than ticks."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssShmem ... of a process, in kB."""
+    result = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")):
+                    key, value = line.split(":", 1)
+                    result[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return result
+
+
+# ---------------------------------------------------------------- log parsing
+
+# log_line_prefix = '%m [%p] ' with log_timezone = 'UTC': "2024-11-21 05:27:01.123 UTC [1234] LOG:  ..."
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC \[(\d+)\] (.*)$")
+
+
+@dataclass
+class LogLine:
+    t: float  # Unix time, seconds
+    pid: int
+    text: str
+
+
+def parse_log(path: str) -> list[LogLine]:
+    lines = []
+    try:
+        with open(path, errors="replace") as f:
+            for raw in f:
+                m = LOG_LINE.match(raw.rstrip("\n"))
+                if not m:
+                    continue
+                stamp = dt.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=dt.timezone.utc)
+                lines.append(LogLine(stamp.timestamp(), int(m.group(2)), m.group(3)))
+    except OSError:
+        pass
+    return lines
+
+
+# ---------------------------------------------------------------- servers
+
+@dataclass
+class Node:
+    name: str
+    dir: str
+    port: int
+    log: str
+    # (pid, start time) of every process of this server seen so far, for the final clean-up.
+    seen: set = field(default_factory=set)
+
+    def conninfo(self, extra: str = "") -> str:
+        return f"host=127.0.0.1 port={self.port} dbname=postgres user=postgres {extra}".strip()
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.dir, "postmaster.pid")) as f:
+                pid = int(f.readline().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if alive(pid) else None
+
+    def remember_processes(self) -> list[int]:
+        """Records the postmaster and its current children; returns their pids."""
+        pm = self.postmaster_pid()
+        if pm is None:
+            return []
+        pids = [pm, *children_of(pm)]
+        for p in pids:
+            st = proc_start_time(p)
+            if st is not None:
+                self.seen.add((p, st))
+        return pids
+
+    def title(self) -> tuple[int, str] | None:
+        """(pid, ps args) of the pg_keeper worker, if it runs."""
+        pm = self.postmaster_pid()
+        if pm is None:
+            return None
+        out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pm)], capture_output=True, text=True, timeout=10)
+        for line in out.stdout.splitlines():
+            if "pg_keeper" in line:
+                pid, args = line.strip().split(None, 1)
+                return int(pid), args.strip()
+        return None
+
+    def keeper_pid(self) -> int | None:
+        t = self.title()
+        return t[0] if t else None
+
+    def title_is(self, state: str) -> bool:
+        t = self.title()
+        return bool(t) and t[1].endswith(f"pg_keeper ({state})")
+
+    def connect(self, timeout: int = 3, **kw) -> psycopg.Connection:
+        return psycopg.connect(self.conninfo(f"connect_timeout={timeout}"), autocommit=True, **kw)
+
+    def query(self, sql: str, params=None, timeout: int = 3) -> list[tuple]:
+        with self.connect(timeout) as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description is not None else []
+
+    def append_conf(self, text: str) -> None:
+        with open(os.path.join(self.dir, "postgresql.conf"), "a") as f:
+            f.write("\n" + text.strip() + "\n")
+
+    def start(self) -> None:
+        as_postgres([f"{BIN}/pg_ctl", "-D", self.dir, "-l", self.log, "-w", "-t", "60", "start"], timeout=90)
+        self.remember_processes()
+
+    def kill9(self) -> float:
+        """kill -9 of the postmaster alone; returns the Unix time just before the signal.
+
+        The children are remembered first so that the clean-up can find any that outlive it."""
+        pm = self.postmaster_pid()
+        if pm is None:
+            raise BenchError(f"{self.name} is not running")
+        self.remember_processes()
+        t = time.time()
+        os.kill(pm, signal.SIGKILL)
+        return t
+
+    def wait_gone(self, timeout: float = 20) -> bool:
+        """Waits until every remembered process of this server has exited."""
+        return bool(wait_until(timeout, lambda: not any(proc_start_time(p) == st for p, st in self.seen), 0.05))
+
+    def stop(self) -> None:
+        """Stops the server at once (pg_ctl -m immediate), then kill -9 whatever is left of it."""
+        if self.postmaster_pid() is not None:
+            self.remember_processes()
+            as_postgres([f"{BIN}/pg_ctl", "-D", self.dir, "-m", "immediate", "-w", "-t", "30", "stop"],
+                        timeout=40, check=False)
+        if not self.wait_gone(10):
+            for p, st in list(self.seen):
+                if proc_start_time(p) == st:
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except OSError:
+                        pass
+            self.wait_gone(10)
+
+    def keeper_lines(self, since: float = 0.0) -> list[LogLine]:
+        return [ln for ln in parse_log(self.log) if "pg_keeper:" in ln.text and ln.t >= since - 0.001]
+
+    def first_line(self, needle: str, since: float, keeper_only: bool = True) -> LogLine | None:
+        for ln in parse_log(self.log):
+            if ln.t >= since - 0.001 and needle in ln.text and (not keeper_only or "pg_keeper:" in ln.text):
+                return ln
+        return None
+
+
+class Registry:
+    """Every node started by this run, and the temporary root that holds their directories."""
+
+    def __init__(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="pg_keeper_bench.", dir="/tmp")
+        shutil.chown(self.root, PG_USER, PG_USER)
+        self.nodes: list[Node] = []
+        self._template: str | None = None
+        self._serial = 0
+
+    def new_dir(self, label: str) -> str:
+        self._serial += 1
+        path = os.path.join(self.root, f"{self._serial:03d}-{label}")
+        os.mkdir(path)
+        shutil.chown(path, PG_USER, PG_USER)
+        return path
+
+    def template(self) -> str:
+        """An initdb'ed data directory, made once per run and copied for every primary."""
+        if self._template is None:
+            path = os.path.join(self.root, "template")
+            as_postgres([f"{BIN}/initdb", "-D", path, "-A", "trust", "-U", PG_USER, "--no-sync"], timeout=120)
+            with open(os.path.join(path, "pg_hba.conf"), "a") as f:
+                f.write("\nhost replication postgres 127.0.0.1/32 trust\n")
+            self._template = path
+        return self._template
+
+    def forget(self, node: Node) -> None:
+        if node in self.nodes:
+            self.nodes.remove(node)
+
+    def cleanup(self) -> None:
+        for node in list(self.nodes):
+            try:
+                node.stop()
+            except Exception as e:  # keep going: every server must be stopped
+                print(f"warning: could not stop {node.dir}: {e}")
+        self.nodes.clear()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@dataclass
+class Pair:
+    reg: Registry
+    base: str
+    node1: Node
+    node2: Node
+    ktime_ms: int
+    kcount: int
+    extension: bool
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.node1, self.node2]
+
+    def multihost(self, extra: str = "") -> str:
+        return (f"host=127.0.0.1,127.0.0.1 port={self.node1.port},{self.node2.port} dbname=postgres "
+                f"user=postgres target_session_attrs=read-write connect_timeout=2 {extra}").strip()
+
+    def destroy(self) -> None:
+        for n in self.nodes:
+            try:
+                n.stop()
+            finally:
+                self.reg.forget(n)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+STARTED_RE = re.compile(r"pg_keeper: started; keepalive_time=(\d+)ms keepalive_count=(\d+)")
+
+
+def check_keeper_settings(pair: "Pair") -> None:
+    """Fails unless both keepers run with the keepalive_time and keepalive_count that were
+    written to postgresql.conf (a value the server rejects leaves the default in force)."""
+    for n in pair.nodes:
+        started = None
+        for ln in parse_log(n.log):
+            m = STARTED_RE.search(ln.text)
+            if m:
+                started = (int(m.group(1)), int(m.group(2)))
+        if started != (pair.ktime_ms, pair.kcount):
+            complaints = [ln.text for ln in parse_log(n.log)
+                          if "pg_keeper." in ln.text and ("WARNING" in ln.text or "ERROR" in ln.text)]
+            raise BenchError(
+                f"{n.name}'s keeper runs with keepalive_time/count {started}, not "
+                f"({pair.ktime_ms}ms, {pair.kcount}) as configured ("
+                f"keepalive_time = '{keepalive_spelling(pair.ktime_ms)}'); server said: "
+                f"{'; '.join(complaints[-2:]) or 'nothing'}")
+
+
+# How keepalive_time is written to postgresql.conf: 'ms' ('200ms') or 's' ('0.2s').
+KEEPALIVE_UNIT = "ms"
+
+
+def keepalive_spelling(ktime_ms: int) -> str:
+    return f"{ktime_ms}ms" if KEEPALIVE_UNIT == "ms" else f"{ktime_ms / 1000:g}s"
+
+
+def common_conf(p1: int, p2: int, ktime_ms: int, kcount: int, extension: bool) -> str:
+    lines = [
+        "# --- benchmark pair (identical on both nodes) ---",
+        "listen_addresses = '127.0.0.1'",
+        f"shared_preload_libraries = '{'pg_keeper_rs' if extension else ''}'",
+        "wal_level = replica",
+        "hot_standby = on",
+        "wal_log_hints = on",
+        "max_wal_senders = 5",
+        "synchronous_standby_names = 'node1, node2'",
+        "log_line_prefix = '%m [%p] '",
+        "log_timezone = 'UTC'",
+    ]
+    if extension:
+        lines += [
+            f"pg_keeper.node1_conninfo = 'host=127.0.0.1 port={p1} dbname=postgres user=postgres'",
+            f"pg_keeper.node2_conninfo = 'host=127.0.0.1 port={p2} dbname=postgres user=postgres'",
+            f"pg_keeper.keepalive_time = '{keepalive_spelling(ktime_ms)}'",
+            f"pg_keeper.keepalive_count = {kcount}",
+        ]
+    if EXTRA_CONF:
+        lines += ["# --- extra (bench/run --conf) ---", *EXTRA_CONF]
+    return "\n".join(lines)
+
+
+def make_pair(reg: Registry, label: str, ktime_ms: int, kcount: int, extension: bool = True,
+              connect_timeout: float | None = None) -> Pair:
+    """Creates and starts node1 (primary) and node2 (synchronous standby, from pg_basebackup), and
+    waits until node2 streams synchronously and, with the extension, both keepers are connected."""
+    if connect_timeout is None:
+        connect_timeout = max(60.0, 3 * ktime_ms / 1000 + 20)
+    base = reg.new_dir(label)
+    p1 = free_port()
+    p2 = free_port()
+    while p2 == p1:
+        p2 = free_port()
+    n1 = Node("node1", os.path.join(base, "node1"), p1, os.path.join(base, "node1.log"))
+    n2 = Node("node2", os.path.join(base, "node2"), p2, os.path.join(base, "node2.log"))
+    pair = Pair(reg, base, n1, n2, ktime_ms, kcount, extension)
+    try:
+        subprocess.run(["cp", "-a", reg.template(), n1.dir], check=True, timeout=60)
+        common = common_conf(p1, p2, ktime_ms, kcount, extension)
+        n1.append_conf(common + f"""
+# --- node-specific ---
+port = {p1}
+cluster_name = 'node1'
+primary_conninfo = 'host=127.0.0.1 port={p2} user=postgres application_name=node1'
+""")
+        reg.nodes.append(n1)
+        n1.start()
+        as_postgres([f"{BIN}/pg_basebackup", "-h", "127.0.0.1", "-p", str(p1), "-U", PG_USER,
+                     "-X", "stream", "-c", "fast", "-D", n2.dir], timeout=120)
+        n2.append_conf(f"""
+port = {p2}
+cluster_name = 'node2'
+primary_conninfo = 'host=127.0.0.1 port={p1} user=postgres application_name=node2'
+""")
+        as_postgres(["touch", os.path.join(n2.dir, "standby.signal")])
+        reg.nodes.append(n2)
+        n2.start()
+        sync = wait_until(connect_timeout, lambda: n1.query(
+            "SELECT 1 FROM pg_stat_replication WHERE application_name = 'node2' AND sync_state = 'sync'"), 0.1)
+        if not sync:
+            raise BenchError(f"{label}: node2 did not stream synchronously within {connect_timeout}s")
+        if extension:
+            ok = wait_until(connect_timeout, lambda: n1.title_is("master mode:connected")
+                            and n2.title_is("standby mode:connected"), 0.1)
+            if not ok:
+                raise BenchError(f"{label}: keepers not connected within {connect_timeout}s: "
+                                 f"node1 {n1.title()}, node2 {n2.title()}")
+            check_keeper_settings(pair)
+            # Steady state: each keeper keeps a heartbeat connection open to its peer (the
+            # primary's keeper opens it at its first heartbeat after the standby streams).
+            ok = wait_until(3 * ktime_ms / 1000 + 10, lambda: all(
+                n.query("SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg_keeper'")
+                for n in pair.nodes), 0.1)
+            if not ok:
+                raise BenchError(f"{label}: the keepers' heartbeat connections did not appear")
+        for n in pair.nodes:
+            n.remember_processes()
+        return pair
+    except BaseException:
+        pair.destroy()
+        raise

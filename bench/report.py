@@ -1,0 +1,350 @@
+"""Turns the benchmark's records into results.csv, outage.png and summary.md.
+
+A record is one repetition of one experiment at one setting:
+{"experiment", "setting", "ktime_ms", "kcount", "budget_s", "rep", "status", "error", "metrics": {...}}
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+
+EXT_PATH = "/usr/lib/postgresql/15/lib/pg_keeper_rs.so"
+
+# Targets from the issue.
+PRIMARY_SLACK_S = 0.2
+PRIMARY_100MS_CAP_S = 0.5
+STANDBY_SLACK_S = 0.3
+PGBENCH_MIN_RATIO = 0.99
+RSS_LIMIT_MB = 20.0
+
+
+def values(records, experiment, setting, metric) -> list[float]:
+    out = []
+    for r in records:
+        if r["experiment"] == experiment and r["setting"] == setting and r["status"] == "ok":
+            v = r["metrics"].get(metric)
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                out.append(float(v))
+    return out
+
+
+def stats(vals: list[float]) -> tuple[float, float, float] | None:
+    if not vals:
+        return None
+    return statistics.median(vals), min(vals), max(vals)
+
+
+def cell(vals: list[float], fmt: str = "{:.2f}") -> str:
+    st = stats(vals)
+    if st is None:
+        return "n/a"
+    med, lo, hi = st
+    if len(vals) == 1:
+        return fmt.format(med)
+    return f"{fmt.format(med)} ({fmt.format(lo)}–{fmt.format(hi)})"
+
+
+def count_reps(records, experiment, setting) -> str:
+    rs = [r for r in records if r["experiment"] == experiment and r["setting"] == setting]
+    ok = sum(r["status"] == "ok" for r in rs)
+    return f"{ok}/{len(rs)}" if rs else "-"
+
+
+# ---------------------------------------------------------------- CSV
+
+def write_csv(path: str, records) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["experiment", "setting", "keepalive_time_ms", "keepalive_count", "budget_s", "rep",
+                    "extension_sha256", "status", "metric", "value", "error"])
+        for r in records:
+            base = [r["experiment"], r["setting"], r["ktime_ms"], r["kcount"], r["budget_s"], r["rep"],
+                    r.get("build", ""), r["status"]]
+            if r["status"] != "ok" or not r["metrics"]:
+                w.writerow(base + ["", "", r.get("error", "")])
+                continue
+            for k, v in r["metrics"].items():
+                if isinstance(v, float):
+                    v = "" if math.isnan(v) else f"{v:.6g}"
+                w.writerow(base + [k, v, ""])
+
+
+# ---------------------------------------------------------------- tables
+
+def failover_table(records, settings) -> str:
+    head = ("| setting | budget s | primary crash: outage s | detection s | promotion s | reconnection s "
+            "| lost commits | standby crash: stall s | detection s | reps ok (primary/standby) |")
+    rows = [head, "|" + "---|" * 10]
+    for s in settings:
+        P, S = "primary_crash", "standby_crash"
+        lost = values(records, P, s.label, "lost_commits")
+        rows.append(
+            f"| {s.label} | {s.budget:g} | {cell(values(records, P, s.label, 'outage_s'))} "
+            f"| {cell(values(records, P, s.label, 'detection_s'))} "
+            f"| {cell(values(records, P, s.label, 'promotion_s'))} "
+            f"| {cell(values(records, P, s.label, 'reconnection_s'))} "
+            f"| {int(sum(lost)) if lost else 'n/a'} "
+            f"| {cell(values(records, S, s.label, 'stall_s'))} "
+            f"| {cell(values(records, S, s.label, 'detection_s'))} "
+            f"| {count_reps(records, P, s.label)} / {count_reps(records, S, s.label)} |")
+    return "\n".join(rows)
+
+
+def overhead_table(records, settings) -> str:
+    head = ("| setting | CPU s/h, primary keeper | CPU s/h, standby keeper | CPU s/h, both keepers (scheduler) "
+            "| CPU s/h, heartbeat backends | RSS MB, primary keeper | RSS MB, standby keeper "
+            "| private (anon) RSS MB, max | windows ok |")
+    rows = [head, "|" + "---|" * 9]
+    E = "overhead"
+    for s in settings:
+        both = [a + b for a, b in zip(values(records, E, s.label, "primary_keeper_sched_cpu_s_per_h"),
+                                      values(records, E, s.label, "standby_keeper_sched_cpu_s_per_h"))]
+        anon = [max(a, b) for a, b in zip(values(records, E, s.label, "primary_keeper_anon_mb"),
+                                          values(records, E, s.label, "standby_keeper_anon_mb"))]
+        rows.append(
+            f"| {s.label} | {cell(values(records, E, s.label, 'primary_keeper_cpu_s_per_h'))} "
+            f"| {cell(values(records, E, s.label, 'standby_keeper_cpu_s_per_h'))} "
+            f"| {cell(both)} "
+            f"| {cell(values(records, E, s.label, 'heartbeat_backends_sched_cpu_s_per_h'))} "
+            f"| {cell(values(records, E, s.label, 'primary_keeper_rss_mb'), '{:.1f}')} "
+            f"| {cell(values(records, E, s.label, 'standby_keeper_rss_mb'), '{:.1f}')} "
+            f"| {cell(anon, '{:.1f}')} "
+            f"| {count_reps(records, E, s.label)} |")
+    return "\n".join(rows)
+
+
+def pgbench_table(records) -> str:
+    head = ("| keeper setting | pairs ok | tps with pg_keeper_rs | tps without | ratio with/without "
+            "| keeper heartbeat failures under load |")
+    rows = [head, "|" + "---|" * 6]
+    labels = sorted({r["setting"] for r in records if r["experiment"] == "pgbench"})
+    for lab in labels:
+        ev = values(records, "pgbench", lab, "keeper_events_under_load")
+        rows.append(
+            f"| {lab} | {count_reps(records, 'pgbench', lab)} "
+            f"| {cell(values(records, 'pgbench', lab, 'tps_with'), '{:.0f}')} "
+            f"| {cell(values(records, 'pgbench', lab, 'tps_without'), '{:.0f}')} "
+            f"| {cell(values(records, 'pgbench', lab, 'ratio'), '{:.3f}')} "
+            f"| {int(sum(ev)) if ev else 'n/a'} |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- targets
+
+def targets(records, settings) -> list[str]:
+    out = []
+
+    def judge(name, value, limit, higher_is_better=False, unit="s"):
+        if value is None:
+            out.append(f"- **not measured**: {name}")
+            return
+        ok = value >= limit if higher_is_better else value <= limit
+        by = abs(value - limit)
+        fmt = "{:.3f}" if unit in ("", "x") else "{:.2f}"
+        verdict = "met" if ok else "MISSED"
+        margin = f"by {fmt.format(by)}{unit} {'to spare' if ok else 'too ' + ('low' if higher_is_better else 'high')}"
+        out.append(f"- **{verdict}**: {name}: {fmt.format(value)}{unit} vs limit {fmt.format(limit)}{unit} ({margin})")
+
+    for s in settings:
+        st = stats(values(records, "primary_crash", s.label, "outage_s"))
+        judge(f"primary crash outage median at {s.label} <= budget + {PRIMARY_SLACK_S}s",
+              st[0] if st else None, s.budget + PRIMARY_SLACK_S)
+        if s.ktime_ms == 100 and s.kcount == 3:
+            judge(f"primary crash outage median at {s.label} <= {PRIMARY_100MS_CAP_S}s",
+                  st[0] if st else None, PRIMARY_100MS_CAP_S)
+    lost_all = [v for s in settings for v in values(records, "primary_crash", s.label, "lost_commits")]
+    if lost_all:
+        total = int(sum(lost_all))
+        out.append(f"- **{'met' if total == 0 else 'MISSED'}**: 0 acknowledged commits lost in primary crashes: "
+                   f"{total} lost over {len(lost_all)} crashes")
+    else:
+        out.append("- **not measured**: acknowledged commits lost in primary crashes")
+    for s in settings:
+        st = stats(values(records, "standby_crash", s.label, "stall_s"))
+        judge(f"standby crash stall median at {s.label} <= budget + {STANDBY_SLACK_S}s",
+              st[0] if st else None, s.budget + STANDBY_SLACK_S)
+    labels = sorted({r["setting"] for r in records if r["experiment"] == "pgbench"})
+    if not labels:
+        out.append("- **not measured**: pgbench with the extension within 1% of without")
+    for lab in labels:
+        st = stats(values(records, "pgbench", lab, "ratio"))
+        judge(f"pgbench tps with the extension ({lab}) within 1% of without (median ratio >= {PGBENCH_MIN_RATIO})",
+              st[0] if st else None, PGBENCH_MIN_RATIO, higher_is_better=True, unit="")
+    rss = [v for s in settings for k in ("primary_keeper_rss_mb", "standby_keeper_rss_mb")
+           for v in values(records, "overhead", s.label, k)]
+    judge(f"keeper RSS (VmRSS, largest seen) < {RSS_LIMIT_MB:g} MB", max(rss) if rss else None, RSS_LIMIT_MB,
+          unit=" MB")
+    return out
+
+
+# ---------------------------------------------------------------- chart
+
+def chart(path: str, records, settings) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6.8), dpi=120)
+    budgets = sorted({s.budget for s in settings})
+    lo_b, hi_b = min(budgets) * 0.6, max(budgets) * 1.6
+    xs = [lo_b * (hi_b / lo_b) ** (i / 100) for i in range(101)]
+    ax.plot(xs, xs, color="black", lw=1.2, label="floor: outage = budget")
+    ax.plot(xs, [x + PRIMARY_SLACK_S for x in xs], color="tab:blue", lw=1, ls="--",
+            label=f"target, primary crash: budget + {PRIMARY_SLACK_S}s")
+    ax.plot(xs, [x + STANDBY_SLACK_S for x in xs], color="tab:orange", lw=1, ls=":",
+            label=f"target, standby crash: budget + {STANDBY_SLACK_S}s")
+
+    series = [("primary_crash", "outage_s", "primary crash: write outage", "tab:blue", "o", 0.94),
+              ("standby_crash", "stall_s", "standby crash: commit stall", "tab:orange", "s", 1.06)]
+    all_y = []
+    for exp, metric, label, color, marker, shift in series:
+        px, py, lo, hi = [], [], [], []
+        for s in settings:
+            st = stats(values(records, exp, s.label, metric))
+            if st is None:
+                continue
+            med, mn, mx = st
+            px.append(s.budget * shift)
+            py.append(med)
+            lo.append(med - mn)
+            hi.append(mx - med)
+            all_y += [mn, mx]
+        if px:
+            ax.errorbar(px, py, yerr=[lo, hi], fmt=marker, color=color, ms=7, capsize=4, lw=1.5,
+                        label=label + " (median, min–max)")
+    for s in settings:
+        measured = any(values(records, exp, s.label, metric) for exp, metric, *_ in series)
+        ax.annotate(s.label + ("" if measured else " (no data)"), (s.budget, s.budget),
+                    textcoords="offset points", xytext=(8, -14), fontsize=9,
+                    color="dimgray" if measured else "tab:red")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo_b, hi_b)
+    ymin = min([lo_b] + all_y) * 0.8
+    ymax = max([hi_b + STANDBY_SLACK_S] + all_y) * 1.25
+    ax.set_ylim(ymin, ymax)
+    ticks = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 30, 60]
+    ax.set_xticks([t for t in ticks if lo_b <= t <= hi_b])
+    ax.set_yticks([t for t in ticks if ymin <= t <= ymax])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.get_yaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("detection budget = keepalive_time × keepalive_count (s)")
+    ax.set_ylabel("time without acknowledged commits (s)")
+    ax.set_title("pg_keeper_rs: outage after kill -9 vs detection budget")
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", alpha=0.12)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def observations(records, settings) -> list[str]:
+    """Facts worth a line that the tables hide."""
+    out = []
+    slow = [(r["setting"], r["rep"], r["metrics"]["promotion_s"]) for r in records
+            if r["experiment"] == "primary_crash" and r["status"] == "ok"
+            and r["metrics"].get("promotion_s", 0) > 1.0]
+    total = sum(r["experiment"] == "primary_crash" and r["status"] == "ok" for r in records)
+    if slow:
+        out.append(f"promotion took more than 1 s in {len(slow)} of {total} primary crashes "
+                   f"({', '.join(f'{st} rep {rep}: {v:.2f}s' for st, rep, v in slow)}); "
+                   "keeper_lines.log shows node2's recovery lines for each")
+    for s in settings:
+        det = values(records, "primary_crash", s.label, "detection_s") + \
+            values(records, "standby_crash", s.label, "detection_s")
+        if det and statistics.median(det) < s.budget - 0.5 * s.ktime_ms / 1000:
+            out.append(f"{s.label}: detection median {statistics.median(det):.2f}s is below the budget "
+                       f"{s.budget:g}s: kill -9 closes the heartbeat connection, which counts as a failed "
+                       "heartbeat at once; the budget applies in full to a peer that stops answering "
+                       "without closing connections")
+    return out
+
+
+# ---------------------------------------------------------------- summary
+
+def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
+    failover = failover_table(records, settings)
+    overhead = overhead_table(records, settings)
+    pgb = pgbench_table(records)
+    tg = targets(records, settings)
+    failed = [r for r in records if r["status"] != "ok"]
+    lines = [
+        "# pg_keeper_rs failover benchmark",
+        "",
+        f"Run {run_info['started']} – {run_info['finished']} ({run_info['elapsed_min']:.1f} min), "
+        f"command: `{run_info['command']}`.",
+        f"Repetitions: {run_info['reps']} per setting and experiment; overhead window {run_info['duration']:g}s; "
+        f"pgbench: {run_info['pgbench']}. keepalive_time written in {run_info['keepalive_unit']} "
+        f"(e.g. '{'100ms' if run_info['keepalive_unit'] == 'ms' else '0.1s'}'). "
+        f"Extra server settings: {run_info['extra_conf']}.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine['cpu']} (`nproc` = {machine['nproc']})",
+        f"- Memory (`free -g`):",
+        "",
+        "```",
+        machine["free"].rstrip(),
+        "```",
+        "",
+        f"- PostgreSQL: {machine['pg_version']}; kernel {machine['kernel']}",
+        f"- Extension: {EXT_PATH}, {run_info['so_start']}"
+        + ("" if run_info["so_end"] == run_info["so_start"] else f" at the start, {run_info['so_end']} at the end"),
+        f"- Load average at start / end: {run_info['load_start']} / {run_info['load_end']} "
+        "(the machine is shared; other work adds noise)",
+        "",
+        "## Failover (seconds; median (min–max) over the repetitions that succeeded)",
+        "",
+        failover,
+        "",
+        "- *outage*: last commit acknowledged by the old primary → first commit acknowledged by node2, "
+        "for a client committing one row every 10 ms through "
+        "`host=127.0.0.1,127.0.0.1 port=P1,P2 target_session_attrs=read-write connect_timeout=2`.",
+        "- *detection*: kill → the standby's `lost; promoting this standby` log line (primary crash), "
+        "or the primary's `lost; switching to asynchronous replication` line (standby crash).",
+        "- *promotion*: that line → node2's `database system is ready to accept connections` "
+        "(end of recovery; it accepts writes).",
+        "- *reconnection*: the rest of the outage (the client noticing, reconnecting, and the 0–10 ms "
+        "between the last commit and the kill).",
+        "- *lost commits*: acknowledged ids missing on the new primary, summed over all repetitions.",
+        "- *stall*: longest gap between acknowledged commits on the primary after the standby's kill.",
+        "",
+        "## Overhead of the keeper (idle connected pair, extrapolated to one hour)",
+        "",
+        overhead,
+        "",
+        "CPU from /proc/PID/stat utime+stime (10 ms ticks) unless marked *scheduler* "
+        "(/proc/PID/schedstat, ns). *Heartbeat backends*: the server backends that answer the peer "
+        "keeper's heartbeat connection, both nodes together. RSS is VmRSS of the keeper process; it "
+        "includes the shared memory pages it has touched, *private* is RssAnon.",
+        "",
+        "## pgbench (`pgbench -c 4 -j 2 -N`, primary of a synchronous pair, with vs without the extension)",
+        "",
+        pgb,
+        "",
+        "## Targets",
+        "",
+        *tg,
+        "",
+    ]
+    if failed:
+        lines += ["## Failed repetitions", ""]
+        groups: dict[tuple, list] = {}
+        for r in failed:
+            groups.setdefault((r["experiment"], r["setting"], r.get("error", "")), []).append(str(r["rep"]))
+        for (exp, setting, err), reps in groups.items():
+            lines.append(f"- {exp} {setting} rep {', '.join(reps)}: {err}")
+        lines.append("")
+    notes = list(run_info.get("notes", [])) + observations(records, settings)
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    text = "\n".join(lines)
+    with open(path, "w") as f:
+        f.write(text)
+    return "\n\n".join([failover, overhead, pgb, "\n".join(tg)])
