@@ -153,7 +153,7 @@ pub enum Heartbeat {
 }
 
 /// What the worker saw during one tick.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observation {
     /// Monotonic clock, milliseconds.
     pub now_ms: u64,

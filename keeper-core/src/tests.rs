@@ -101,31 +101,16 @@ fn master_waits_for_a_streaming_standby_before_heartbeating() {
     let mut k = Keeper::new();
     k.step(&Input::Identified { in_recovery: false }, &s);
     let quiet = Input::Tick(Observation {
-        now_ms: 0,
-        in_recovery: false,
         sync_configured: true,
-        standby_streaming: false,
-        heartbeat: None,
-        restore_wanted: false,
-        standby_caught_up: false,
-        wal_receiver_recent: false,
-        peer_says_synchronous: None,
-        peer_newer_primary: false,
+        ..Observation::default()
     });
     assert_eq!(k.step(&quiet, &s).to, MasterWaiting);
     // It heartbeats (to notice a newer primary) but counts no failures without a standby.
     assert!(MasterWaiting.heartbeats() && !MasterWaiting.counts_failures());
     let unanswered = Input::Tick(Observation {
-        now_ms: 0,
-        in_recovery: false,
         sync_configured: true,
-        standby_streaming: false,
         heartbeat: no_answer(),
-        restore_wanted: false,
-        standby_caught_up: false,
-        wal_receiver_recent: false,
-        peer_says_synchronous: None,
-        peer_newer_primary: false,
+        ..Observation::default()
     });
     let d = k.step(&unanswered, &s);
     assert_eq!((d.to, k.failures(), d.actions.len()), (MasterWaiting, 0, 0));
@@ -190,15 +175,8 @@ fn losing_the_standby_with_async_replication_switches_nothing() {
     let (mut k, s) = master_connected(1);
     let input = Input::Tick(Observation {
         now_ms: 5,
-        in_recovery: false,
-        sync_configured: false,
-        standby_streaming: false,
         heartbeat: no_answer(),
-        restore_wanted: false,
-        standby_caught_up: false,
-        wal_receiver_recent: false,
-        peer_says_synchronous: None,
-        peer_newer_primary: false,
+        ..Observation::default()
     });
     let d = k.step(&input, &s);
     assert_eq!(d.event, Event::PeerLostAsync);
@@ -495,15 +473,10 @@ fn nothing_is_restored_when_not_wanted_or_already_synchronous() {
     let (mut k, s) = master_connected(1);
     let mut obs = Observation {
         now_ms: 1,
-        in_recovery: false,
-        sync_configured: false,
         standby_streaming: true,
         heartbeat: Some(Heartbeat::Answered),
-        restore_wanted: false,
         standby_caught_up: true,
-        wal_receiver_recent: false,
-        peer_says_synchronous: None,
-        peer_newer_primary: false,
+        ..Observation::default()
     };
     assert!(k.step(&Input::Tick(obs.clone()), &s).actions.is_empty());
     obs.restore_wanted = true;
@@ -698,15 +671,10 @@ fn a_primary_that_finds_a_newer_primary_fences_itself() {
         let d = k.step(
             &Input::Tick(Observation {
                 now_ms: 1,
-                in_recovery: false,
                 sync_configured: true,
-                standby_streaming: false,
                 heartbeat: Some(Heartbeat::Answered),
-                restore_wanted: false,
-                standby_caught_up: false,
-                wal_receiver_recent: false,
-                peer_says_synchronous: None,
                 peer_newer_primary: true,
+                ..Observation::default()
             }),
             &s,
         );
