@@ -70,15 +70,20 @@ def as_postgres(args: list[str], timeout: float = 120, check: bool = True) -> su
 
 # ---------------------------------------------------------------- processes
 
-def proc_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (tells a pid from a reused one)."""
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3, the state, comes first)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()
-    if fields[0] == "Z":
+    return text[text.rindex(")") + 2:].split()
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (tells a pid from a reused one)."""
+    fields = stat_fields(pid)
+    if fields is None or fields[0] == "Z":
         return None
     return int(fields[19])
 
@@ -94,13 +99,8 @@ def children_of(pid: int) -> list[int]:
 
 def cpu_ticks(pid: int) -> int | None:
     """utime + stime of a process, in clock ticks."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[11]) + int(fields[12])
 
 
 def cpu_ns(pid: int) -> int | None:
