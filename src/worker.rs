@@ -32,6 +32,9 @@ struct ReplicationSummary {
 /// startup process may be sleeping out wal_retrieve_retry_interval when the first one arrives.
 const PROMOTE_AGAIN_AFTER: Duration = Duration::from_millis(100);
 
+/// How soon a promotion held because the WAL receiver still looked alive is looked at again.
+const QUICK_RECHECK: Duration = Duration::from_millis(200);
+
 /// How often the loop looks at a promotion under way or a running after_command.
 const FAST_POLL: Duration = Duration::from_millis(100);
 
@@ -56,6 +59,10 @@ struct Worker {
     after: AfterCommands,
     started: Instant,
     last_tick: Option<Instant>,
+    /// The next tick comes after QUICK_RECHECK rather than a full interval (once).
+    quick_recheck: bool,
+    /// The event of the last tick's decision.
+    last_event: Option<keeper_core::Event>,
     /// The last note about the replication view, so it is logged once per change.
     last_note: Option<String>,
     /// The hint that goes with the current identity problem.
@@ -80,6 +87,8 @@ impl Worker {
             after: AfterCommands::default(),
             started: Instant::now(),
             last_tick: None,
+            quick_recheck: false,
+            last_event: None,
             last_note: None,
             identity_hint: None,
         }
@@ -133,6 +142,7 @@ impl Worker {
             let due = self.last_tick.map_or(now, |t| t + self.tick_interval());
             if now >= due {
                 self.last_tick = Some(now);
+                self.quick_recheck = false;
                 self.tick();
                 continue;
             }
@@ -222,6 +232,8 @@ impl Worker {
     fn tick_interval(&self) -> Duration {
         if self.keeper.mode() == Mode::Promoting {
             FAST_POLL
+        } else if self.quick_recheck {
+            self.settings.keepalive_time.min(QUICK_RECHECK)
         } else {
             self.settings.keepalive_time
         }
@@ -532,6 +544,14 @@ impl Worker {
 
     fn decide(&mut self, input: Input) {
         let d = self.keeper.step(&input, &self.core_settings());
+        // A primary that has just crashed may still look streaming to this standby's WAL
+        // receiver for a few milliseconds: the first time that holds a promotion, look again
+        // soon rather than a whole interval later.
+        let holding = keeper_core::Event::PeerLostButStreaming;
+        if d.event == holding && self.last_event != Some(holding) {
+            self.quick_recheck = true;
+        }
+        self.last_event = Some(d.event);
         self.report(&d);
         self.set_title();
         self.perform(&d.actions);
