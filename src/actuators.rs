@@ -44,20 +44,17 @@ pub fn restore_sync() -> Result<String, String> {
 /// Requests promotion the way `pg_promote()` does: the `promote` signal file in the data
 /// directory, then SIGUSR1 to the postmaster.
 pub fn promote() -> Result<(), String> {
-    // SAFETY: DataDir and PostmasterPid are set before any worker starts.
-    let (data_dir, postmaster) = unsafe {
-        (
-            std::ffi::CStr::from_ptr(pg_sys::DataDir)
-                .to_string_lossy()
-                .into_owned(),
-            pg_sys::PostmasterPid,
-        )
-    };
-    let file = PathBuf::from(data_dir).join("promote");
+    signal_file_then_postmaster("promote", sys::SIGUSR1)
+}
+
+/// Creates an empty signal file in the data directory, then signals the postmaster.
+fn signal_file_then_postmaster(name: &str, signal: i32) -> Result<(), String> {
+    let file = PathBuf::from(data_directory()).join(name);
     std::fs::write(&file, b"")
         .map_err(|e| format!("could not create \"{}\": {e}", file.display()))?;
-    sys::signal(postmaster, sys::SIGUSR1)
-        .map_err(|e| format!("could not signal the postmaster: {e}"))
+    // SAFETY: PostmasterPid is set before any worker starts.
+    let postmaster = unsafe { pg_sys::PostmasterPid };
+    sys::signal(postmaster, signal).map_err(|e| format!("could not signal the postmaster: {e}"))
 }
 
 /// Removes a `promote` signal file left behind (the postmaster ignores it outside recovery).
@@ -69,20 +66,7 @@ pub fn remove_promote_file() {
 /// again as a standby, then a fast shutdown (as `pg_ctl stop -m fast`), which ends every session.
 /// Unlike a read-only setting, no client can undo this.
 pub fn fence() -> Result<(), String> {
-    // SAFETY: DataDir and PostmasterPid are set before any worker starts.
-    let (data_dir, postmaster) = unsafe {
-        (
-            std::ffi::CStr::from_ptr(pg_sys::DataDir)
-                .to_string_lossy()
-                .into_owned(),
-            pg_sys::PostmasterPid,
-        )
-    };
-    let file = PathBuf::from(&data_dir).join("standby.signal");
-    std::fs::write(&file, b"")
-        .map_err(|e| format!("could not create \"{}\": {e}", file.display()))?;
-    sys::signal(postmaster, sys::SIGINT)
-        .map_err(|e| format!("could not signal the postmaster: {e}"))
+    signal_file_then_postmaster("standby.signal", sys::SIGINT)
 }
 
 /// The data directory of this server.
