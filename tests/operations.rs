@@ -66,6 +66,11 @@ fn status_and_history_answer_on_both_nodes_from_the_same_state_as_the_title() {
     );
     assert!(e1.contains(&"standby_connected".into()), "{e1:?}");
     assert!(events(&pair.node2).contains(&"primary_seen".into()));
+    // The status's last event is the newest entry of the history.
+    for node in [&pair.node1, &pair.node2] {
+        let last = node.sql("SELECT last_event FROM pg_keeper_status").unwrap();
+        assert_eq!(Some(&last), events(node).last());
+    }
 
     // Monitoring roles read it; others do not.
     pair.node1
