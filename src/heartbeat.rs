@@ -331,93 +331,115 @@ impl Node {
         Ok(())
     }
 
-    /// Sends the heartbeat query on the open connection and reads its answer.
-    fn query(&mut self, deadline: Instant) -> Beat {
+    /// Sends one query on the open connection and reads its whole answer.
+    fn query(
+        &mut self,
+        sql: &CStr,
+        params: &[Option<&CStr>],
+        deadline: Instant,
+    ) -> Result<Reply, Beat> {
         let conn = self.conn;
-        let params = [self.asker.as_ptr()];
-        // SAFETY: one text parameter, NUL-terminated, alive for the call.
+        let values: Vec<*const c_char> = params
+            .iter()
+            .map(|p| p.map_or(std::ptr::null(), CStr::as_ptr))
+            .collect();
+        // SAFETY: text parameters (NULL as a null pointer), NUL-terminated, alive for the call.
         let sent = unsafe {
             pq::PQsendQueryParams(
                 conn,
-                HEARTBEAT_SQL.as_ptr(),
-                1,
+                sql.as_ptr(),
+                values.len() as i32,
                 std::ptr::null(),
-                params.as_ptr(),
+                values.as_ptr(),
                 std::ptr::null(),
                 std::ptr::null(),
                 0,
             )
         };
         if sent == 0 {
-            return Beat::NoAnswer(error_message(conn));
+            return Err(Beat::NoAnswer(error_message(conn)));
         }
         let sock = unsafe { pq::PQsocket(conn) };
+        let late = || Beat::NoAnswer("no answer before the deadline".into());
         // Flush the query out.
         loop {
             match unsafe { pq::PQflush(conn) } {
                 0 => break,
                 1 => match wait_socket(sock, pg_sys::WL_SOCKET_WRITEABLE, deadline) {
                     Wait::Ready => {}
-                    Wait::Deadline => {
-                        return Beat::NoAnswer(
-                            "no answer to the heartbeat before the deadline".into(),
-                        )
-                    }
-                    Wait::Interrupted => return Beat::Interrupted,
+                    Wait::Deadline => return Err(late()),
+                    Wait::Interrupted => return Err(Beat::Interrupted),
                 },
-                _ => return Beat::NoAnswer(error_message(conn)),
+                _ => return Err(Beat::NoAnswer(error_message(conn))),
             }
         }
         // Wait for the whole answer.
         while unsafe { pq::PQisBusy(conn) } != 0 {
             match wait_socket(sock, pg_sys::WL_SOCKET_READABLE, deadline) {
                 Wait::Ready => {}
-                Wait::Deadline => {
-                    return Beat::NoAnswer("no answer to the heartbeat before the deadline".into())
-                }
-                Wait::Interrupted => return Beat::Interrupted,
+                Wait::Deadline => return Err(late()),
+                Wait::Interrupted => return Err(Beat::Interrupted),
             }
             if unsafe { pq::PQconsumeInput(conn) } == 0 {
-                return Beat::NoAnswer(error_message(conn));
+                return Err(Beat::NoAnswer(error_message(conn)));
             }
         }
-        let mut outcome = Beat::NoAnswer("empty answer to the heartbeat".into());
+        let mut outcome = None;
         loop {
             let res = unsafe { pq::PQgetResult(conn) };
             if res.is_null() {
                 break;
             }
-            if matches!(outcome, Beat::NoAnswer(_)) {
-                outcome = read_facts(res);
+            if outcome.is_none() {
+                outcome = Some(read_reply(res));
             }
             unsafe { pq::PQclear(res) };
         }
         if unsafe { pq::PQstatus(conn) } == pq::ConnStatusType::CONNECTION_BAD {
-            return Beat::NoAnswer(error_message(conn));
+            return Err(Beat::NoAnswer(error_message(conn)));
         }
-        outcome
+        outcome.ok_or_else(|| Beat::NoAnswer("empty answer".into()))
     }
 
-    /// One heartbeat: reuse the connection if there is one, else connect; anything but an answer
-    /// drops the connection. A kept connection that turns out broken is replaced by a fresh one
-    /// within the same deadline, so a restarted node is not mistaken for a dead one.
-    pub fn beat(&mut self, deadline: Instant) -> Beat {
+    /// Runs one query: reuse the connection if there is one, else connect; anything but a
+    /// reply drops the connection. A kept connection that turns out broken is replaced by a
+    /// fresh one within the same deadline, so a restarted node is not mistaken for a dead one.
+    /// `Err` is never `Beat::Answered`.
+    pub fn run(
+        &mut self,
+        sql: &CStr,
+        params: &[Option<&CStr>],
+        deadline: Instant,
+    ) -> Result<Reply, Beat> {
         let reused = !self.conn.is_null();
         if !reused {
-            if let Err(beat) = self.connect(deadline) {
-                return beat;
-            }
+            self.connect(deadline)?;
         }
-        let mut beat = self.query(deadline);
-        if reused && matches!(beat, Beat::NoAnswer(_)) && Instant::now() < deadline {
-            let deadline_passed = matches!(&beat, Beat::NoAnswer(w) if w.contains("deadline"));
+        let mut reply = self.query(sql, params, deadline);
+        if reused && matches!(reply, Err(Beat::NoAnswer(_))) && Instant::now() < deadline {
+            let deadline_passed =
+                matches!(&reply, Err(Beat::NoAnswer(w)) if w.contains("deadline"));
             if !deadline_passed {
-                beat = match self.connect(deadline) {
-                    Ok(()) => self.query(deadline),
-                    Err(b) => b,
-                };
+                reply = self
+                    .connect(deadline)
+                    .and_then(|()| self.query(sql, params, deadline));
             }
         }
+        if reply.is_err() {
+            self.disconnect();
+        }
+        reply
+    }
+
+    /// One heartbeat (see [`HEARTBEAT_SQL`]).
+    pub fn beat(&mut self, deadline: Instant) -> Beat {
+        let asker = self.asker.clone();
+        let beat = match self.run(HEARTBEAT_SQL, &[Some(&asker)], deadline) {
+            Ok(Reply::Rows(rows)) => read_facts(&rows),
+            // The server ran something and answered with an error: it is alive.
+            Ok(Reply::Error(msg)) => Beat::Refused(format!("heartbeat query failed: {msg}")),
+            Err(beat) => beat,
+        };
         if !matches!(beat, Beat::Answered(_)) {
             self.disconnect();
         }
@@ -425,35 +447,61 @@ impl Node {
     }
 }
 
-fn read_facts(res: *mut pq::PGresult) -> Beat {
+/// A server's reply to one query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The rows, each field as text (None for NULL).
+    Rows(Vec<Vec<Option<String>>>),
+    /// The server answered with an error (its message).
+    Error(String),
+}
+
+fn read_reply(res: *mut pq::PGresult) -> Reply {
+    // SAFETY: a live result; every index is within PQntuples x PQnfields.
     unsafe {
         match pq::PQresultStatus(res) {
-            pq::ExecStatusType::PGRES_TUPLES_OK
-                if pq::PQntuples(res) == 1 && pq::PQnfields(res) == 5 =>
-            {
-                let field = |i: i32| {
-                    CStr::from_ptr(pq::PQgetvalue(res, 0, i))
-                        .to_string_lossy()
-                        .into_owned()
-                };
-                let in_recovery = field(0) == "t";
-                let optional = |i: i32| (pq::PQgetisnull(res, 0, i) == 0).then(|| field(i));
-                match (field(1).parse::<i64>(), field(2).parse::<i32>()) {
-                    (Ok(started_at_us), Ok(port)) => Beat::Answered(NodeFacts {
-                        in_recovery,
-                        timeline: optional(3).and_then(|t| t.parse().ok()),
-                        sync_state_of_asker: optional(4),
-                        started_at_us,
-                        port,
-                    }),
-                    _ => Beat::Refused("the heartbeat answer could not be read".into()),
-                }
+            pq::ExecStatusType::PGRES_TUPLES_OK | pq::ExecStatusType::PGRES_COMMAND_OK => {
+                let rows = (0..pq::PQntuples(res))
+                    .map(|r| {
+                        (0..pq::PQnfields(res))
+                            .map(|f| {
+                                (pq::PQgetisnull(res, r, f) == 0).then(|| {
+                                    CStr::from_ptr(pq::PQgetvalue(res, r, f))
+                                        .to_string_lossy()
+                                        .into_owned()
+                                })
+                            })
+                            .collect()
+                    })
+                    .collect();
+                Reply::Rows(rows)
             }
-            _ => {
-                let msg = CStr::from_ptr(pq::PQresultErrorMessage(res)).to_string_lossy();
-                // The server ran something and answered with an error: it is alive.
-                Beat::Refused(format!("heartbeat query failed: {}", msg.trim()))
-            }
+            _ => Reply::Error(
+                CStr::from_ptr(pq::PQresultErrorMessage(res))
+                    .to_string_lossy()
+                    .trim()
+                    .to_string(),
+            ),
         }
+    }
+}
+
+fn read_facts(rows: &[Vec<Option<String>>]) -> Beat {
+    let [row] = rows else {
+        return Beat::Refused("the heartbeat answer could not be read".into());
+    };
+    let field = |i: usize| row.get(i).cloned().flatten();
+    match (
+        field(1).and_then(|v| v.parse::<i64>().ok()),
+        field(2).and_then(|v| v.parse::<i32>().ok()),
+    ) {
+        (Some(started_at_us), Some(port)) if row.len() == 5 => Beat::Answered(NodeFacts {
+            in_recovery: field(0).as_deref() == Some("t"),
+            timeline: field(3).and_then(|t| t.parse().ok()),
+            sync_state_of_asker: field(4),
+            started_at_us,
+            port,
+        }),
+        _ => Beat::Refused("the heartbeat answer could not be read".into()),
     }
 }
