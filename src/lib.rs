@@ -20,6 +20,7 @@ mod settings;
 mod sql_api;
 mod status;
 mod sys;
+mod witness;
 mod worker;
 
 ::pgrx::pg_module_magic!();

@@ -23,6 +23,7 @@ pub static KEEPALIVE_COUNT: GucSetting<i32> = GucSetting::<i32>::new(1);
 /// The original C spellings; 0 means "not set".
 pub static KEEPALIVES_TIME: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 pub static KEEPALIVES_COUNT: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static WITNESS_CONNINFO: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static AFTER_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static AFTER_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static SYNC_RESTORE: GucSetting<bool> = GucSetting::<bool>::new(true);
@@ -79,6 +80,19 @@ pub fn register() {
         None,
         None,
     );
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"pg_keeper.witness_conninfo",
+            c"Connection string of a third PostgreSQL server that holds the failover lease.",
+            c"Optional. Both nodes must reach it; nothing needs to be installed on it. Without it, a network cut between the nodes can give two primaries.",
+            &WITNESS_CONNINFO,
+            GucContext::Sighup,
+            GucFlags::SUPERUSER_ONLY,
+            Some(check_witness_conninfo),
+            None,
+            None,
+        );
+    }
     GucRegistry::define_int_guc(
         c"pg_keeper.keepalive_count",
         c"Consecutive failed heartbeats before the keeper acts.",
@@ -182,6 +196,23 @@ unsafe fn check_detail(detail: &str) {
     }
 }
 
+/// Parses a conninfo being set; on failure, gives the reason as the rejection's detail.
+unsafe fn parse_for_check(value: &str) -> Option<conninfo::Conninfo> {
+    match conninfo::Conninfo::parse(value) {
+        Ok(p) => Some(p),
+        Err(why) => {
+            check_detail(&format!("The connection string does not parse: {why}"));
+            None
+        }
+    }
+}
+
+/// Whether a conninfo names the same server as another setting's (which may be unset).
+fn same_server(parsed: &conninfo::Conninfo, other: &GucSetting<Option<CString>>) -> bool {
+    let other = other.get().map(|c| c.to_string_lossy().into_owned());
+    matches!(other.as_deref().map(conninfo::Conninfo::parse), Some(Ok(o)) if &o == parsed)
+}
+
 /// Validates a node conninfo: it must parse, and must not be the other node's.
 unsafe fn check_conninfo(
     newval: *mut *mut c_char,
@@ -196,21 +227,14 @@ unsafe fn check_conninfo(
         check_detail("The connection string is empty; give the node's host, port and dbname.");
         return false;
     }
-    let parsed = match conninfo::Conninfo::parse(&value) {
-        Ok(p) => p,
-        Err(why) => {
-            check_detail(&format!("The connection string does not parse: {why}"));
-            return false;
-        }
+    let Some(parsed) = parse_for_check(&value) else {
+        return false;
     };
-    let other = other.get().map(|c| c.to_string_lossy().into_owned());
-    if let Some(Ok(other)) = other.as_deref().map(conninfo::Conninfo::parse) {
-        if other == parsed {
-            check_detail(&format!(
-                "It is the same as {other_name}; the two must name different servers."
-            ));
-            return false;
-        }
+    if same_server(&parsed, other) {
+        check_detail(&format!(
+            "It is the same as {other_name}; the two must name different servers."
+        ));
+        return false;
     }
     true
 }
@@ -231,6 +255,38 @@ unsafe extern "C-unwind" fn check_node2_conninfo(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     check_conninfo(newval, &NODE1_CONNINFO, "pg_keeper.node1_conninfo")
+}
+
+/// Validates the witness conninfo: empty (no witness) or a connection string that parses and
+/// names neither node.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_witness_conninfo(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    if newval.is_null() || (*newval).is_null() {
+        return true;
+    }
+    let value = CStr::from_ptr(*newval).to_string_lossy();
+    if value.trim().is_empty() {
+        return true;
+    }
+    let Some(parsed) = parse_for_check(&value) else {
+        return false;
+    };
+    for (node, name) in [
+        (&NODE1_CONNINFO, "pg_keeper.node1_conninfo"),
+        (&NODE2_CONNINFO, "pg_keeper.node2_conninfo"),
+    ] {
+        if same_server(&parsed, node) {
+            check_detail(&format!(
+                "It is the same as {name}; the witness must be a third server."
+            ));
+            return false;
+        }
+    }
+    true
 }
 
 /// Whether an interval (seconds) is under the 100ms floor; '100ms' itself converts to a double a
@@ -278,6 +334,8 @@ pub struct Settings {
     pub sync_restore: bool,
     pub sync_restore_lag_bytes: i64,
     pub allow_data_loss_failover: bool,
+    /// `pg_keeper.witness_conninfo`, when set.
+    pub witness: Option<String>,
     /// Warnings about how the settings were combined (old and new spellings).
     pub warnings: Vec<String>,
 }
@@ -341,6 +399,7 @@ impl Settings {
             sync_restore: SYNC_RESTORE.get(),
             allow_data_loss_failover: ALLOW_DATA_LOSS_FAILOVER.get(),
             sync_restore_lag_bytes: SYNC_RESTORE_LAG.get() as i64 * 1024,
+            witness: string_setting(&WITNESS_CONNINFO),
             warnings,
         }
     }
@@ -354,10 +413,29 @@ impl Settings {
         string_setting(&DATABASE).unwrap_or_else(|| "postgres".into())
     }
 
+    /// How long a lease renewal is valid on the witness's clock: (keepalive_count + 2) x
+    /// keepalive_time. A live primary renews it every keepalive_time, and a renewal can take up
+    /// to a keepalive_time after a heartbeat that took as long, so it never lapses between
+    /// renewals; a standby that has counted keepalive_count failures waits at most about two
+    /// more intervals for it to expire.
+    pub fn lease_time(&self) -> Duration {
+        self.keepalive_time * (self.keepalive_count + 2)
+    }
+
     /// A short description of the settings that matter for failover timing, for the log.
     pub fn summary(&self) -> String {
+        let witness = match &self.witness {
+            Some(w) => format!(
+                "; witness {} with a lease of {}ms",
+                conninfo::Conninfo::parse(w)
+                    .map(|c| c.redacted())
+                    .unwrap_or_else(|_| "(unparsable)".into()),
+                self.lease_time().as_millis()
+            ),
+            None => "; no witness".into(),
+        };
         format!(
-            "keepalive_time={}ms keepalive_count={} (failover after about {}ms without an answer)",
+            "keepalive_time={}ms keepalive_count={} (failover after about {}ms without an answer{witness})",
             self.keepalive_time.as_millis(),
             self.keepalive_count,
             self.keepalive_time.as_millis() * self.keepalive_count as u128

@@ -80,7 +80,7 @@ fn pg_keeper_status() -> TableIterator<
         !sync_names.trim().is_empty(),
         sync_names,
         actuators::timeline() as i64,
-        "not configured".to_string(),
+        opt(&s.witness).unwrap_or_else(|| "not configured".to_string()),
         opt(&s.problem),
         last.map(|e| e.name.get().to_string()),
         last.and_then(|e| timestamp(e.at)),

@@ -68,6 +68,8 @@ pub struct Shared {
     pub last_failure_reason: Text<480>,
     /// The configuration or replication problem in force, if any.
     pub problem: Text<480>,
+    /// The witness: the lease as last seen, or why it cannot be used; empty without one.
+    pub witness: Text<480>,
     pub paused: bool,
     /// TimestampTz at which the pause ends by itself; 0 = until resumed.
     pub pause_until: i64,
@@ -92,6 +94,7 @@ impl Default for Shared {
             last_failure: 0,
             last_failure_reason: Text::default(),
             problem: Text::default(),
+            witness: Text::default(),
             paused: false,
             pause_until: 0,
             events: [EventRecord::default(); HISTORY],

@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::time::{Duration, Instant};
 
-use keeper_core::{Action, AfterEvent, Decision, Input, Keeper, Level, Mode, Observation};
+use keeper_core::{Action, AfterEvent, Decision, Input, Keeper, Lease, Level, Mode, Observation};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -18,6 +18,7 @@ use crate::heartbeat::{shutdown_requested, Beat, Connection, Node};
 use crate::identity::{self, Identity};
 use crate::settings::Settings;
 use crate::status;
+use crate::witness::{LeaseRow, Witness};
 
 /// What the replication view says, for the core.
 #[derive(Default)]
@@ -34,6 +35,12 @@ const PROMOTE_AGAIN_AFTER: Duration = Duration::from_millis(100);
 
 /// How soon a promotion held because the WAL receiver still looked alive is looked at again.
 const QUICK_RECHECK: Duration = Duration::from_millis(200);
+
+/// Answers in a row that must miss this streaming standby before that is warned about.
+const UNLISTED_BEFORE_WARNING: u32 = 3;
+
+/// While the witness cannot be used, the warning is repeated this often.
+const WITNESS_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// How often the loop looks at a promotion under way or a running after_command.
 const FAST_POLL: Duration = Duration::from_millis(100);
@@ -59,8 +66,18 @@ struct Worker {
     after: AfterCommands,
     started: Instant,
     last_tick: Option<Instant>,
-    /// The next tick comes after QUICK_RECHECK rather than a full interval (once).
-    quick_recheck: bool,
+    /// The next tick comes after this rather than a full interval (once): soon after a first
+    /// hold by the WAL receiver guard, or when the lease that holds a promotion expires.
+    recheck_after: Option<Duration>,
+    /// Consecutive answers of the primary that did not list this streaming standby.
+    unlisted_answers: u32,
+    /// The connection to the witness, when one is configured.
+    witness: Option<Witness>,
+    /// The lease as last seen on the witness.
+    lease: Option<LeaseRow>,
+    /// Since when the witness cannot be used, and when that was last warned about.
+    witness_down_since: Option<Instant>,
+    witness_warned_at: Option<Instant>,
     /// The event of the last tick's decision.
     last_event: Option<keeper_core::Event>,
     /// The last note about the replication view, so it is logged once per change.
@@ -87,7 +104,12 @@ impl Worker {
             after: AfterCommands::default(),
             started: Instant::now(),
             last_tick: None,
-            quick_recheck: false,
+            recheck_after: None,
+            unlisted_answers: 0,
+            witness: None,
+            lease: None,
+            witness_down_since: None,
+            witness_warned_at: None,
             last_event: None,
             last_note: None,
             identity_hint: None,
@@ -99,6 +121,7 @@ impl Worker {
         let secrets: Vec<&str> = [
             self.settings.node1.as_deref(),
             self.settings.node2.as_deref(),
+            self.settings.witness.as_deref(),
         ]
         .into_iter()
         .flatten()
@@ -126,7 +149,22 @@ impl Worker {
         report.report(level_to_pg(level));
     }
 
+    /// (Re)makes the witness connection from the settings, and says so in the status.
+    fn connect_witness(&mut self) {
+        self.witness = self.settings.witness.as_deref().map(Witness::new);
+        self.lease = None;
+        self.witness_down_since = None;
+        self.witness_warned_at = None;
+        let shown = if self.witness.is_some() {
+            "not contacted yet"
+        } else {
+            ""
+        };
+        status::publish(|s| s.witness.set(shown));
+    }
+
     fn run(&mut self) {
+        self.connect_witness();
         self.event(
             "started",
             Level::Log,
@@ -142,7 +180,7 @@ impl Worker {
             let due = self.last_tick.map_or(now, |t| t + self.tick_interval());
             if now >= due {
                 self.last_tick = Some(now);
-                self.quick_recheck = false;
+                self.recheck_after = None;
                 self.tick();
                 continue;
             }
@@ -232,8 +270,8 @@ impl Worker {
     fn tick_interval(&self) -> Duration {
         if self.keeper.mode() == Mode::Promoting {
             FAST_POLL
-        } else if self.quick_recheck {
-            self.settings.keepalive_time.min(QUICK_RECHECK)
+        } else if let Some(soon) = self.recheck_after {
+            self.settings.keepalive_time.min(soon)
         } else {
             self.settings.keepalive_time
         }
@@ -264,7 +302,11 @@ impl Worker {
             return;
         }
         let nodes_changed = new.node1 != self.settings.node1 || new.node2 != self.settings.node2;
+        let witness_changed = new.witness != self.settings.witness;
         self.settings = new;
+        if witness_changed {
+            self.connect_witness();
+        }
         self.log(
             Level::Log,
             &format!("configuration reloaded; {}", self.settings.summary()),
@@ -342,8 +384,18 @@ impl Worker {
         };
         let my_timeline = actuators::timeline();
         let wal_receiver_recent = in_recovery && self.wal_receiver_recent();
+        let unlisted = facts.is_some_and(|f| {
+            in_recovery && !f.in_recovery && wal_receiver_recent && f.sync_state_of_asker.is_none()
+        });
+        // A link reset ends the primary's WAL sender before this standby's receiver notices:
+        // only an absence that lasts a few answers is a configuration problem.
+        self.unlisted_answers = if unlisted {
+            self.unlisted_answers + 1
+        } else {
+            0
+        };
         if let Some(f) = facts.filter(|f| in_recovery && !f.in_recovery && wal_receiver_recent) {
-            if f.sync_state_of_asker.is_none() {
+            if f.sync_state_of_asker.is_none() && self.unlisted_answers >= UNLISTED_BEFORE_WARNING {
                 self.note_once(
                     Level::Warning,
                     format!(
@@ -353,6 +405,8 @@ impl Worker {
                 );
             }
         }
+        let sync_standby_now = mode == Mode::MasterConnected && sync_configured && view.streaming;
+        let lease = self.observe_lease(mode, in_recovery, my_timeline, sync_standby_now);
         let obs = Observation {
             now_ms: self.started.elapsed().as_millis() as u64,
             in_recovery,
@@ -369,8 +423,182 @@ impl Worker {
             peer_newer_primary: facts.is_some_and(|f| {
                 !in_recovery && !f.in_recovery && f.timeline.is_some_and(|t| t > my_timeline)
             }),
+            lease,
         };
         self.decide(Input::Tick(obs));
+    }
+
+    /// This node's name and the peer's, once identified.
+    fn names(&self) -> Option<(&'static str, &'static str)> {
+        self.identity.as_ref().map(|id| (id.me_name, id.peer_name))
+    }
+
+    /// The primary renews the lease (recording its synchronous standby when it has one); a
+    /// standby reads it. Nothing in the other modes, or without a witness.
+    fn observe_lease(
+        &mut self,
+        mode: Mode,
+        in_recovery: bool,
+        timeline: u32,
+        synchronous_peer: bool,
+    ) -> Lease {
+        let Some((me, peer)) = self.names() else {
+            return Lease::NotConfigured;
+        };
+        let primary = mode.is_master() && !in_recovery;
+        let standby = matches!(mode, Mode::StandbyWaiting | Mode::StandbyConnected);
+        let lease_time = self.settings.lease_time();
+        let deadline = Instant::now() + self.settings.keepalive_time;
+        let Some(witness) = self.witness.as_mut() else {
+            return Lease::NotConfigured;
+        };
+        let result = if primary {
+            let sync = synchronous_peer.then_some(peer);
+            witness.claim(me, timeline, sync, lease_time, deadline)
+        } else if standby {
+            witness.read(deadline)
+        } else {
+            return Lease::NotConfigured;
+        };
+        self.witness_result(result.as_ref().map(|r| r.as_ref()).map_err(|e| e.as_str()));
+        match result {
+            Err(why) => Lease::Unreachable(self.scrub(&why)),
+            Ok(None) => Lease::Missing,
+            Ok(Some(row)) => {
+                let lease = lease_for_core(&row, me, timeline, primary);
+                let was_mine = self
+                    .lease
+                    .as_ref()
+                    .is_some_and(|l| l.holder == me && l.epoch == row.epoch);
+                if primary && row.mine && !was_mine {
+                    self.event(
+                        "lease_acquired",
+                        Level::Log,
+                        &format!(
+                            "this primary holds the lease on the witness: {}",
+                            row.describe()
+                        ),
+                        None,
+                    );
+                }
+                if let (false, Lease::Peer { expired: false, .. }) = (primary, &lease) {
+                    // A promotion held by the lease is looked at again as soon as it expires.
+                    let left = Duration::from_millis(row.ms_left.max(0) as u64);
+                    self.recheck_after = Some(left + Duration::from_millis(20));
+                }
+                self.lease = Some(row);
+                lease
+            }
+        }
+    }
+
+    /// Follows whether the witness can be used: a warning when it cannot (repeated every
+    /// minute), a line when it can again, and the lease or the reason in the status.
+    fn witness_result(&mut self, result: Result<Option<&LeaseRow>, &str>) {
+        let now = Instant::now();
+        match result {
+            Ok(row) => {
+                if let Some(since) = self.witness_down_since.take() {
+                    self.witness_warned_at = None;
+                    self.event(
+                        "witness_reachable",
+                        Level::Log,
+                        &format!(
+                            "the witness is usable again after {} s",
+                            since.elapsed().as_secs()
+                        ),
+                        None,
+                    );
+                }
+                let shown = row.map_or("no lease yet".to_string(), LeaseRow::describe);
+                status::publish(|s| s.witness.set(&shown));
+            }
+            Err(why) => {
+                let since = *self.witness_down_since.get_or_insert(now);
+                let why = self.scrub(why);
+                let due = self
+                    .witness_warned_at
+                    .is_none_or(|t| now.duration_since(t) >= WITNESS_WARNING_EVERY);
+                if due {
+                    self.witness_warned_at = Some(now);
+                    let hint = if self.keeper.mode().is_master() {
+                        "Until it is back, this primary cannot switch to asynchronous replication: if the standby is lost, commits wait for it."
+                    } else {
+                        "Until it is back, this standby cannot take the lease: it does not promote if the primary is lost."
+                    };
+                    let message = if self.witness_warned_at == Some(since) {
+                        format!("cannot use the witness: {why}")
+                    } else {
+                        format!(
+                            "still cannot use the witness after {} s: {why}",
+                            since.elapsed().as_secs()
+                        )
+                    };
+                    self.event("witness_unreachable", Level::Warning, &message, Some(hint));
+                }
+                let shown = format!("unusable for {} s: {why}", since.elapsed().as_secs());
+                status::publish(|s| s.witness.set(&shown));
+            }
+        }
+    }
+
+    /// What a change of the lease needs: this node's name, the lease time, this server's
+    /// timeline and a deadline.
+    fn lease_change(&self) -> Result<(&'static str, Duration, u32, Instant), String> {
+        let (me, _) = self.names().ok_or("this node is not identified")?;
+        Ok((
+            me,
+            self.settings.lease_time(),
+            actuators::timeline(),
+            Instant::now() + self.settings.keepalive_time,
+        ))
+    }
+
+    /// Records on the witness that this primary has no synchronous standby.
+    fn release_standby(&mut self) -> Result<(), String> {
+        let (me, lease_time, timeline, deadline) = self.lease_change()?;
+        let Some(witness) = self.witness.as_mut() else {
+            return Ok(());
+        };
+        let result = witness.claim(me, timeline, None, lease_time, deadline);
+        self.witness_result(result.as_ref().map(|r| r.as_ref()).map_err(|e| e.as_str()));
+        match result? {
+            Some(row) if row.mine => {
+                self.event(
+                    "lease_released_standby",
+                    Level::Log,
+                    &format!(
+                        "recorded on the witness that no standby is synchronous: {}",
+                        row.describe()
+                    ),
+                    None,
+                );
+                Ok(())
+            }
+            Some(row) => Err(format!(
+                "this primary does not hold the lease: {}",
+                row.describe()
+            )),
+            None => Err("the witness holds no lease".into()),
+        }
+    }
+
+    /// Takes the lease on the witness for this standby before it promotes.
+    fn take_lease(&mut self) -> Result<(), String> {
+        let (me, lease_time, timeline, deadline) = self.lease_change()?;
+        let Some(witness) = self.witness.as_mut() else {
+            return Ok(());
+        };
+        let row = witness.take(me, timeline, lease_time, deadline)?;
+        self.event(
+            "lease_taken",
+            Level::Log,
+            &format!("took the lease on the witness: {}", row.describe()),
+            None,
+        );
+        status::publish(|s| s.witness.set(&row.describe()));
+        self.lease = Some(row);
+        Ok(())
     }
 
     fn identify(&mut self, in_recovery: bool) {
@@ -549,7 +777,7 @@ impl Worker {
         // soon rather than a whole interval later.
         let holding = keeper_core::Event::PeerLostButStreaming;
         if d.event == holding && self.last_event != Some(holding) {
-            self.quick_recheck = true;
+            self.recheck_after = Some(QUICK_RECHECK);
         }
         self.last_event = Some(d.event);
         self.report(&d);
@@ -563,7 +791,7 @@ impl Worker {
         for &action in actions {
             let result = match action {
                 Action::DegradeToAsync => self.degrade_to_async(),
-                                Action::Promote => actuators::promote().map(|()| {
+                Action::Promote => actuators::promote().map(|()| {
                     self.event(
                         "promote_requested",
                         Level::Log,
@@ -579,7 +807,9 @@ impl Worker {
                         None,
                     )
                 }),
-                                Action::Fence => self.fence(),
+                Action::Fence => self.fence(),
+                Action::ReleaseStandby => self.release_standby(),
+                Action::TakeLease => self.take_lease(),
                 Action::RunAfterCommand(event) => self.run_after_command(event),
             };
             if let Err(why) = result {
@@ -618,7 +848,7 @@ impl Worker {
 
     fn degrade_to_async(&self) -> Result<(), String> {
         match actuators::degrade_to_async()? {
-                        Degraded::Switched { previous } => self.event(
+            Degraded::Switched { previous } => self.event(
                 "degraded_to_async",
                 Level::Log,
                 &format!(
@@ -710,6 +940,21 @@ impl Worker {
             s.keepalive_count = count;
             s.keepalive_time_ms = time_ms;
         });
+    }
+}
+
+/// What the core needs of the lease row. A primary holds it when this tick's renewal went
+/// through; a standby when it is the holder (it took the lease to promote).
+fn lease_for_core(row: &LeaseRow, me: &str, timeline: u32, primary: bool) -> Lease {
+    let held = if primary { row.mine } else { row.holder == me };
+    if held {
+        return Lease::Held;
+    }
+    Lease::Peer {
+        // The same name on a later timeline is a newer incarnation of this node: superseded too.
+        newer: row.timeline >= timeline as i64 || row.holder == me,
+        expired: row.expired,
+        names_me: row.sync_standby.as_deref() == Some(me),
     }
 }
 

@@ -120,6 +120,12 @@ pub enum Action {
     RestoreSync,
     /// Stop this server so that it can start again only as a standby.
     Fence,
+    /// Record on the witness, under this primary's lease, that no standby is synchronous: from
+    /// then on the standby cannot take the lease. Nothing to do without a witness.
+    ReleaseStandby,
+    /// Take the witness lease (expired, naming this standby as synchronous) with a new epoch.
+    /// Nothing to do without a witness.
+    TakeLease,
     /// Start `pg_keeper.after_command` for this event (when one is set).
     RunAfterCommand(AfterEvent),
 }
@@ -127,7 +133,10 @@ pub enum Action {
 impl Action {
     /// Whether the action changes the cluster (and so is held back while paused).
     pub fn changes_the_cluster(&self) -> bool {
-        matches!(self, DegradeToAsync | Promote | RestoreSync)
+        matches!(
+            self,
+            DegradeToAsync | Promote | RestoreSync | ReleaseStandby | TakeLease
+        )
     }
 }
 
@@ -150,6 +159,30 @@ pub enum Heartbeat {
     Refused(String),
     /// No answer: refused or reset connection, timeout, or the deadline passed.
     NoAnswer(String),
+}
+
+/// What the witness said this tick about the lease (see the README's "The witness").
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Lease {
+    /// No witness is configured: the lease plays no part.
+    #[default]
+    NotConfigured,
+    /// The witness could not be reached, or its answer could not be read.
+    Unreachable(String),
+    /// The witness holds no lease yet (a primary creates it on its first renewal).
+    Missing,
+    /// This node holds the lease. On a primary: renewed (or taken) this tick, so valid now.
+    Held,
+    /// The other node holds the lease.
+    Peer {
+        /// The holder recorded a timeline at least this node's: a primary that sees this was
+        /// superseded (the holder took the lease to promote, or is a newer primary).
+        newer: bool,
+        /// The lease expired on the witness's clock.
+        expired: bool,
+        /// The lease names this node as the synchronous standby at its last renewal.
+        names_me: bool,
+    },
 }
 
 /// What the worker saw during one tick.
@@ -179,6 +212,8 @@ pub struct Observation {
     pub peer_says_synchronous: Option<bool>,
     /// (Primary only.) The peer answered as a primary on a newer timeline than this server's.
     pub peer_newer_primary: bool,
+    /// The lease on the witness, as renewed (primary) or read (standby) this tick.
+    pub lease: Lease,
 }
 
 /// One input to the core.
@@ -223,6 +258,19 @@ pub enum Event {
     PeerLostNotSynchronous,
     /// The other node is a primary on a newer timeline: this primary was superseded.
     Superseded,
+    /// The witness lease names the other node with a timeline at least this one's: this primary
+    /// was superseded (the other node took the lease to promote).
+    SupersededByLease,
+    /// The standby is lost, but this primary could not renew its lease on the witness this
+    /// tick, so it may not switch to asynchronous replication.
+    PeerLostNoLease,
+    /// The primary is lost, but the witness lease cannot be taken (not expired, not naming this
+    /// standby, missing, or the witness cannot be reached).
+    PeerLostLeaseWithheld,
+    /// Recording on the witness that no standby is synchronous failed.
+    ReleaseFailed,
+    /// Taking the lease on the witness failed (taken by someone else, or the witness is gone).
+    TakeFailed,
     FenceFailed,
     RestoreFailed,
     /// The primary has not answered yet since this standby started; failover is not armed.
@@ -269,10 +317,17 @@ use Event as E;
 use Level::{Debug as Dbg, Log, Warning as Warn};
 use Mode::*;
 
-const ASYNC: &[Action] = &[DegradeToAsync, RunAfterCommand(AfterEvent::Async)];
-/// Promote first: a reload before the request would wake the startup process too early, and it
-/// could then sleep out wal_retrieve_retry_interval before it sees the request.
-const PROMOTE: &[Action] = &[Promote, DegradeToAsync];
+/// The witness is told first that no standby is synchronous any more: a commit acknowledged
+/// asynchronously is then never behind a standby that could take the lease.
+const ASYNC: &[Action] = &[
+    ReleaseStandby,
+    DegradeToAsync,
+    RunAfterCommand(AfterEvent::Async),
+];
+/// The lease first: no promotion without it. Then promote before the switch to async: a reload
+/// before the request would wake the startup process too early, and it could then sleep out
+/// wal_retrieve_retry_interval before it sees the request.
+const PROMOTE: &[Action] = &[TakeLease, Promote, DegradeToAsync];
 const AFTER_PROMOTE: &[Action] = &[RunAfterCommand(AfterEvent::Promote)];
 const RESTORE: &[Action] = &[RestoreSync, RunAfterCommand(AfterEvent::SyncRestored)];
 const FENCE: &[Action] = &[Fence];
@@ -293,6 +348,8 @@ pub const TRANSITIONS: &[Transition] = &[
     row(MasterConnected, E::HeartbeatFailed, MasterConnected, NONE, Log, "heartbeat to standby {peer} failed"),
     row(MasterConnected, E::PeerLostSync, MasterAsync, ASYNC, Log, "standby {peer} lost; switching to asynchronous replication"),
     row(MasterConnected, E::PeerLostAsync, MasterAsync, NONE, Log, "standby {peer} lost; replication is already asynchronous, nothing to switch"),
+    row(MasterConnected, E::PeerLostNoLease, MasterConnected, NONE, Warn, "not switching to asynchronous replication: standby {peer} is lost but this primary could not renew its lease on the witness, so commits wait for the standby"),
+    row(MasterAsync, E::ReleaseFailed, MasterConnected, NONE, Warn, "not switching to asynchronous replication: could not record on the witness that no standby is synchronous; will retry"),
     row(MasterAsync, E::DegradeFailed, MasterConnected, NONE, Warn, "could not switch to asynchronous replication; will retry"),
     row(MasterConnected, E::StandbyCaughtUp, MasterConnected, RESTORE, Log, "standby {peer} has caught up; restoring synchronous replication"),
     row(MasterConnected, E::RestoreFailed, MasterConnected, NONE, Warn, "could not restore synchronous replication; will retry"),
@@ -307,13 +364,18 @@ pub const TRANSITIONS: &[Transition] = &[
     row(StandbyConnected, E::HeartbeatFailed, StandbyConnected, NONE, Log, "heartbeat to primary {peer} failed"),
     row(StandbyConnected, E::PeerLost, Promoting, PROMOTE, Log, "primary {peer} lost; promoting this standby"),
     row(StandbyConnected, E::PeerLostButStreaming, StandbyConnected, NONE, Log, "not promoting: primary {peer} does not answer heartbeats but this standby's WAL receiver still receives from it"),
+    row(StandbyConnected, E::PeerLostLeaseWithheld, StandbyConnected, NONE, Warn, "not promoting: primary {peer} is lost but the lease on the witness cannot be taken"),
     row(StandbyConnected, E::PeerLostNotSynchronous, StandbyConnected, NONE, Warn, "not promoting: primary {peer} is lost but this standby was not its synchronous standby at the last answer, so acknowledged commits could be lost (pg_keeper.allow_data_loss_failover = on promotes anyway)"),
     // A primary that finds the other node primary on a newer timeline was superseded.
     row(MasterWaiting, E::Superseded, Fenced, FENCE, Warn, "superseded: {peer} is a primary on a newer timeline; fencing this server"),
     row(MasterConnected, E::Superseded, Fenced, FENCE, Warn, "superseded: {peer} is a primary on a newer timeline; fencing this server"),
     row(MasterAsync, E::Superseded, Fenced, FENCE, Warn, "superseded: {peer} is a primary on a newer timeline; fencing this server"),
+    row(MasterWaiting, E::SupersededByLease, Fenced, FENCE, Warn, "superseded: the lease on the witness names {peer}, on a timeline not older than this server's; fencing this server"),
+    row(MasterConnected, E::SupersededByLease, Fenced, FENCE, Warn, "superseded: the lease on the witness names {peer}, on a timeline not older than this server's; fencing this server"),
+    row(MasterAsync, E::SupersededByLease, Fenced, FENCE, Warn, "superseded: the lease on the witness names {peer}, on a timeline not older than this server's; fencing this server"),
     row(Fenced, E::FenceFailed, Fenced, NONE, Warn, "could not fence this server; stop it by hand"),
     row(Promoting, E::DegradeFailed, Promoting, NONE, Warn, "could not switch to asynchronous replication after the promotion request; commits may wait for a synchronous standby until it is fixed"),
+    row(Promoting, E::TakeFailed, StandbyConnected, NONE, Warn, "not promoting: could not take the lease on the witness; will retry"),
     row(Promoting, E::PromoteFailed, StandbyConnected, NONE, Warn, "promotion request failed; will retry"),
     row(Promoting, E::PromotionSlow, Promoting, &[Promote], Dbg, "server is still in recovery after the promotion request; asking again"),
     row(Promoting, E::RecoveryEnded, MasterAsync, AFTER_PROMOTE, Log, "promoted: {me} is now the master and {peer} is regarded as the standby"),
@@ -329,6 +391,8 @@ const ONCE_PER_REASON: &[Event] = &[
     E::PeerNotYetSeen,
     E::HeartbeatRefused,
     E::PeerLostNotSynchronous,
+    E::PeerLostNoLease,
+    E::PeerLostLeaseWithheld,
 ];
 
 /// Looks up the move for a mode and an event.
@@ -405,11 +469,15 @@ impl Decision {
             E::PromotionSlow => "promotion_slow",
             E::PeerLostButStreaming => "promotion_held",
             E::PeerLostNotSynchronous => "promotion_held",
-            E::Superseded => "superseded",
+            E::Superseded | E::SupersededByLease => "superseded",
+            E::PeerLostNoLease => "async_held",
+            E::PeerLostLeaseWithheld => "promotion_held",
             E::DegradeFailed
             | E::PromoteFailed
             | E::RestoreFailed
             | E::FenceFailed
+            | E::ReleaseFailed
+            | E::TakeFailed
             | E::AfterCommandFailed => "action_failed",
         }
     }
@@ -493,6 +561,8 @@ impl Keeper {
                     Promote => E::PromoteFailed,
                     RestoreSync => E::RestoreFailed,
                     Fence => E::FenceFailed,
+                    ReleaseStandby => E::ReleaseFailed,
+                    TakeLease => E::TakeFailed,
                     RunAfterCommand(_) => E::AfterCommandFailed,
                 };
                 (e, why.clone())
@@ -509,6 +579,11 @@ impl Keeper {
                 if obs.peer_newer_primary && obs.heartbeat == Some(Heartbeat::Answered) =>
             {
                 (E::Superseded, String::new())
+            }
+            MasterWaiting | MasterConnected | MasterAsync
+                if matches!(obs.lease, Lease::Peer { newer: true, .. }) =>
+            {
+                (E::SupersededByLease, String::new())
             }
             MasterWaiting | MasterAsync if obs.standby_streaming => {
                 (E::StandbyStreaming, String::new())
@@ -553,9 +628,18 @@ impl Keeper {
                 {
                     (E::PeerLostNotSynchronous, detail)
                 } else if self.mode == StandbyConnected {
-                    (E::PeerLost, detail)
+                    match lease_withheld(&obs.lease) {
+                        Some(why) => (E::PeerLostLeaseWithheld, format!("{why}; {detail}")),
+                        None => (E::PeerLost, detail),
+                    }
                 } else if obs.sync_configured {
-                    (E::PeerLostSync, detail)
+                    match &obs.lease {
+                        Lease::NotConfigured | Lease::Held => (E::PeerLostSync, detail),
+                        other => (
+                            E::PeerLostNoLease,
+                            format!("{}; {detail}", lease_problem(other)),
+                        ),
+                    }
                 } else {
                     (E::PeerLostAsync, detail)
                 }
@@ -644,7 +728,12 @@ impl Keeper {
         if t.to != from {
             // Counting starts afresh on entering a heartbeating mode, except when a failed action
             // sends the keeper back: then the count is kept so that the next failure retries.
-            if t.to.counts_failures() && !matches!(event, E::DegradeFailed | E::PromoteFailed) {
+            if t.to.counts_failures()
+                && !matches!(
+                    event,
+                    E::DegradeFailed | E::PromoteFailed | E::ReleaseFailed | E::TakeFailed
+                )
+            {
                 self.failures = 0;
             }
         }
@@ -663,6 +752,33 @@ impl Keeper {
             sentence,
             held: false,
         }
+    }
+}
+
+/// Why a standby may not take the lease, or None when it may (or no witness is configured).
+fn lease_withheld(lease: &Lease) -> Option<String> {
+    match lease {
+        Lease::NotConfigured | Lease::Held => None,
+        Lease::Peer {
+            expired: true,
+            names_me: true,
+            ..
+        } => None,
+        Lease::Peer {
+            names_me: false, ..
+        } => Some("the lease does not name this standby as synchronous".into()),
+        Lease::Peer { .. } => Some("the primary's lease has not expired".into()),
+        other => Some(lease_problem(other)),
+    }
+}
+
+/// What keeps a primary from holding the lease this tick.
+fn lease_problem(lease: &Lease) -> String {
+    match lease {
+        Lease::Unreachable(why) => format!("the witness cannot be reached ({why})"),
+        Lease::Missing => "the witness holds no lease".into(),
+        Lease::Peer { .. } => "the lease is held by the other node".into(),
+        Lease::NotConfigured | Lease::Held => "the lease is held".into(),
     }
 }
 

@@ -24,6 +24,7 @@ fn tick(now_ms: u64, in_recovery: bool, hb: Option<Heartbeat>) -> Input {
         wal_receiver_recent: false,
         peer_says_synchronous: in_recovery.then_some(true),
         peer_newer_primary: false,
+        lease: Lease::NotConfigured,
     })
 }
 
@@ -136,7 +137,11 @@ fn master_switches_to_async_after_count_consecutive_failures_then_runs_after_com
     assert_eq!(d.to, MasterAsync);
     assert_eq!(
         d.actions,
-        vec![DegradeToAsync, RunAfterCommand(AfterEvent::Async)]
+        vec![
+            ReleaseStandby,
+            DegradeToAsync,
+            RunAfterCommand(AfterEvent::Async)
+        ]
     );
     assert!(d.sentence.contains("(3 of 3)"));
     assert_eq!(MasterAsync.title(), "master mode:async");
@@ -226,7 +231,7 @@ fn standby_promotes_after_count_failures_and_becomes_master_when_recovery_ends()
     );
     let d = k.step(&tick(2000, true, no_answer()), &s);
     assert_eq!(d.to, Promoting);
-    assert_eq!(d.actions, vec![Promote, DegradeToAsync]);
+    assert_eq!(d.actions, vec![TakeLease, Promote, DegradeToAsync]);
     // Still in recovery a moment later: nothing new.
     let d = k.step(&tick(2100, true, None), &s);
     assert_eq!(d.to, Promoting);
@@ -374,6 +379,24 @@ fn every_row_is_reachable_from_some_input() {
         Input::ActionFailed(RunAfterCommand(AfterEvent::Async), "c".into()),
         Input::ActionFailed(RestoreSync, "d".into()),
         Input::ActionFailed(Fence, "e".into()),
+        Input::ActionFailed(ReleaseStandby, "f".into()),
+        Input::ActionFailed(TakeLease, "g".into()),
+    ];
+    let leases = [
+        Lease::NotConfigured,
+        Lease::Unreachable("w".into()),
+        Lease::Missing,
+        Lease::Held,
+        Lease::Peer {
+            newer: true,
+            expired: true,
+            names_me: true,
+        },
+        Lease::Peer {
+            newer: false,
+            expired: false,
+            names_me: true,
+        },
     ];
     for hb in &heartbeats {
         for in_recovery in [false, true] {
@@ -381,18 +404,21 @@ fn every_row_is_reachable_from_some_input() {
                 for standby_streaming in [false, true] {
                     for now_ms in [0, 1_000_000] {
                         for (restore, guard) in [(false, false), (true, false), (false, true)] {
-                            inputs.push(Input::Tick(Observation {
-                                now_ms,
-                                in_recovery,
-                                sync_configured,
-                                standby_streaming,
-                                heartbeat: hb.clone(),
-                                restore_wanted: restore,
-                                standby_caught_up: restore,
-                                wal_receiver_recent: guard,
-                                peer_says_synchronous: None,
-                                peer_newer_primary: guard,
-                            }));
+                            for lease in &leases {
+                                inputs.push(Input::Tick(Observation {
+                                    now_ms,
+                                    in_recovery,
+                                    sync_configured,
+                                    standby_streaming,
+                                    heartbeat: hb.clone(),
+                                    restore_wanted: restore,
+                                    standby_caught_up: restore,
+                                    wal_receiver_recent: guard,
+                                    peer_says_synchronous: None,
+                                    peer_newer_primary: guard,
+                                    lease: lease.clone(),
+                                }));
+                            }
                         }
                     }
                 }
@@ -440,6 +466,7 @@ fn catch_up_tick(now_ms: u64, caught_up: bool) -> Input {
         wal_receiver_recent: false,
         peer_says_synchronous: None,
         peer_newer_primary: false,
+        lease: Lease::NotConfigured,
     })
 }
 
@@ -464,7 +491,11 @@ fn synchronous_replication_comes_back_once_the_standby_has_caught_up() {
     let d = k.step(&tick(5, false, no_answer()), &s);
     assert_eq!(
         d.actions,
-        vec![DegradeToAsync, RunAfterCommand(AfterEvent::Async)]
+        vec![
+            ReleaseStandby,
+            DegradeToAsync,
+            RunAfterCommand(AfterEvent::Async)
+        ]
     );
 }
 
@@ -531,7 +562,7 @@ fn paused_keeper_heartbeats_and_counts_but_does_not_act_until_resumed() {
     k.set_paused(false);
     let d = k.step(&tick(4, true, no_answer()), &s);
     assert_eq!(d.to, Promoting);
-    assert_eq!(d.actions, vec![Promote, DegradeToAsync]);
+    assert_eq!(d.actions, vec![TakeLease, Promote, DegradeToAsync]);
 }
 
 #[test]
@@ -578,6 +609,7 @@ fn standby_tick(
         wal_receiver_recent: wal_recent,
         peer_says_synchronous: says_sync,
         peer_newer_primary: false,
+        lease: Lease::NotConfigured,
     })
 }
 
@@ -701,6 +733,7 @@ fn a_standby_that_answers_but_does_not_stream_counts_as_a_failure_for_the_primar
             wal_receiver_recent: false,
             peer_says_synchronous: None,
             peer_newer_primary: false,
+            lease: Lease::NotConfigured,
         })
     };
     let d = k.step(&answered_not_streaming(1), &s);
@@ -715,6 +748,260 @@ fn a_standby_that_answers_but_does_not_stream_counts_as_a_failure_for_the_primar
     assert_eq!(d.to, MasterAsync);
     assert_eq!(
         d.actions,
-        vec![DegradeToAsync, RunAfterCommand(AfterEvent::Async)]
+        vec![
+            ReleaseStandby,
+            DegradeToAsync,
+            RunAfterCommand(AfterEvent::Async)
+        ]
     );
+}
+
+fn with_lease(input: Input, lease: Lease) -> Input {
+    match input {
+        Input::Tick(obs) => Input::Tick(Observation { lease, ..obs }),
+        other => other,
+    }
+}
+
+fn peer_lease(expired: bool, names_me: bool) -> Lease {
+    Lease::Peer {
+        newer: false,
+        expired,
+        names_me,
+    }
+}
+
+#[test]
+fn a_primary_switches_to_async_only_while_it_holds_the_lease() {
+    let (mut k, s) = master_connected(2);
+    let unreachable = Lease::Unreachable("timeout".into());
+    let d = k.step(&with_lease(tick(1, false, no_answer()), Lease::Held), &s);
+    assert_eq!(d.event, Event::HeartbeatFailed);
+    // The standby is lost, but the lease could not be renewed this tick: commits keep waiting.
+    for (n, lease) in [
+        (2, unreachable.clone()),
+        (3, unreachable.clone()),
+        (4, peer_lease(false, false)),
+        (5, Lease::Missing),
+    ] {
+        let d = k.step(&with_lease(tick(n, false, no_answer()), lease), &s);
+        assert_eq!(d.event, Event::PeerLostNoLease, "tick {n}");
+        assert_eq!(d.to, MasterConnected);
+        assert!(d.actions.is_empty());
+        assert_eq!(d.history_name(), "async_held");
+        if n == 3 {
+            assert_eq!(d.level, Level::Debug, "the same reason is said once");
+        } else {
+            assert_eq!(d.level, Level::Warning, "{}", d.sentence);
+        }
+    }
+    // Renewed: it records first that no standby is synchronous, then switches.
+    let d = k.step(&with_lease(tick(6, false, no_answer()), Lease::Held), &s);
+    assert_eq!(d.to, MasterAsync);
+    assert_eq!(
+        d.actions,
+        vec![
+            ReleaseStandby,
+            DegradeToAsync,
+            RunAfterCommand(AfterEvent::Async)
+        ]
+    );
+}
+
+#[test]
+fn a_failed_release_on_the_witness_keeps_replication_synchronous_and_retries() {
+    let (mut k, s) = master_connected(1);
+    let d = k.step(&with_lease(tick(1, false, no_answer()), Lease::Held), &s);
+    assert_eq!(d.to, MasterAsync);
+    let d = k.step(
+        &Input::ActionFailed(ReleaseStandby, "lease taken by node2".into()),
+        &s,
+    );
+    assert_eq!(d.to, MasterConnected);
+    assert!(d.actions.is_empty());
+    assert!(
+        d.sentence.contains("lease taken by node2"),
+        "{}",
+        d.sentence
+    );
+    // The perform loop stops at a mode change, so DegradeToAsync is not run; the next failure
+    // tries again.
+    let d = k.step(&with_lease(tick(2, false, no_answer()), Lease::Held), &s);
+    assert_eq!(d.to, MasterAsync);
+    assert_eq!(d.actions[0], ReleaseStandby);
+}
+
+#[test]
+fn a_standby_promotes_only_after_taking_an_expired_lease_that_names_it() {
+    let (mut k, s) = standby_connected(1);
+    let lost = |n| standby_tick(n, no_answer(), false, None);
+    for (n, lease, why) in [
+        (1, peer_lease(false, true), "has not expired"),
+        (2, peer_lease(true, false), "does not name this standby"),
+        (3, Lease::Missing, "holds no lease"),
+        (4, Lease::Unreachable("refused".into()), "cannot be reached"),
+    ] {
+        let d = k.step(&with_lease(lost(n), lease), &s);
+        assert_eq!(d.event, Event::PeerLostLeaseWithheld, "tick {n}");
+        assert_eq!(d.to, StandbyConnected);
+        assert!(d.actions.is_empty());
+        assert!(d.sentence.contains(why), "{}", d.sentence);
+        assert_eq!(d.history_name(), "promotion_held");
+    }
+    let d = k.step(&with_lease(lost(5), peer_lease(true, true)), &s);
+    assert_eq!(d.to, Promoting);
+    assert_eq!(d.actions, vec![TakeLease, Promote, DegradeToAsync]);
+    // Someone else was quicker, or the witness went away: back, and the next tick retries.
+    let d = k.step(
+        &Input::ActionFailed(TakeLease, "the lease was renewed".into()),
+        &s,
+    );
+    assert_eq!(d.to, StandbyConnected);
+    assert_eq!(d.event, Event::TakeFailed);
+    let d = k.step(&with_lease(lost(6), Lease::Held), &s);
+    assert_eq!(
+        d.to, Promoting,
+        "a lease this standby already holds is enough"
+    );
+}
+
+#[test]
+fn the_lease_does_not_override_the_other_guards() {
+    let (mut k, s) = standby_connected(1);
+    // The WAL receiver still hears the primary: no promotion, whatever the lease says.
+    let d = k.step(
+        &with_lease(
+            standby_tick(1, no_answer(), true, None),
+            peer_lease(true, true),
+        ),
+        &s,
+    );
+    assert_eq!(d.event, Event::PeerLostButStreaming);
+    // Not synchronous at the last answer: no promotion either.
+    let mut k = Keeper::new();
+    k.step(&Input::Identified { in_recovery: true }, &s);
+    k.step(
+        &standby_tick(0, Some(Heartbeat::Answered), false, Some(false)),
+        &s,
+    );
+    let d = k.step(
+        &with_lease(
+            standby_tick(1, no_answer(), false, None),
+            peer_lease(true, true),
+        ),
+        &s,
+    );
+    assert_eq!(d.event, Event::PeerLostNotSynchronous);
+}
+
+#[test]
+fn a_primary_whose_lease_names_the_other_node_on_a_newer_timeline_fences_itself() {
+    let s = settings(3);
+    for start in [MasterWaiting, MasterConnected, MasterAsync] {
+        let mut k = Keeper {
+            mode: start,
+            ..Keeper::new()
+        };
+        // A stale lease of the other node (older timeline) is no reason to fence.
+        let stale = Input::Tick(Observation {
+            now_ms: 1,
+            sync_configured: true,
+            standby_streaming: true,
+            lease: peer_lease(false, false),
+            ..Observation::default()
+        });
+        assert_ne!(k.step(&stale, &s).to, Fenced, "from {start:?}");
+        // No heartbeat needed: the witness alone tells it.
+        let d = k.step(
+            &Input::Tick(Observation {
+                now_ms: 2,
+                heartbeat: Some(Heartbeat::NoAnswer("cut".into())),
+                lease: Lease::Peer {
+                    newer: true,
+                    expired: false,
+                    names_me: false,
+                },
+                ..Observation::default()
+            }),
+            &s,
+        );
+        assert_eq!(d.to, Fenced, "from {start:?}");
+        assert_eq!(d.actions, vec![Fence]);
+        assert_eq!(d.event, Event::SupersededByLease);
+        assert_eq!(d.history_name(), "superseded");
+    }
+}
+
+/// The witness's safety rules, over every mode and a broad set of ticks: nothing switches to
+/// async without a lease renewed this tick (and the release comes first), and nothing promotes
+/// without a lease it may take (and the take comes first).
+#[test]
+fn with_a_witness_no_decision_degrades_or_promotes_without_the_lease() {
+    let leases = [
+        Lease::Unreachable("w".into()),
+        Lease::Missing,
+        Lease::Held,
+        peer_lease(false, false),
+        peer_lease(false, true),
+        peer_lease(true, false),
+        peer_lease(true, true),
+    ];
+    for t in TRANSITIONS {
+        if let Some(i) = t.actions.iter().position(|a| *a == DegradeToAsync) {
+            if t.from.is_master() {
+                assert!(t.actions[..i].contains(&ReleaseStandby), "{t:?}");
+            }
+        }
+        if let Some(i) = t.actions.iter().position(|a| *a == Promote) {
+            if t.from == StandbyConnected {
+                assert!(t.actions[..i].contains(&TakeLease), "{t:?}");
+            }
+        }
+    }
+    for count in [1, 3] {
+        let s = settings(count);
+        for mode in Mode::ALL {
+            for lease in &leases {
+                for in_recovery in [false, true] {
+                    for hb in [None, no_answer(), Some(Heartbeat::Answered)] {
+                        for failures in [0, count - 1, count + 5] {
+                            let mut k = Keeper {
+                                mode,
+                                failures,
+                                was_synchronous: true,
+                                ..Keeper::new()
+                            };
+                            let input = Input::Tick(Observation {
+                                now_ms: 1,
+                                in_recovery,
+                                sync_configured: true,
+                                heartbeat: hb.clone(),
+                                peer_says_synchronous: Some(true),
+                                lease: lease.clone(),
+                                ..Observation::default()
+                            });
+                            let d = k.step(&input, &s);
+                            if d.actions.contains(&ReleaseStandby) {
+                                assert_eq!(*lease, Lease::Held, "{d:?}");
+                            }
+                            if d.actions.contains(&TakeLease) {
+                                assert!(
+                                    matches!(
+                                        lease,
+                                        Lease::Held
+                                            | Lease::Peer {
+                                                expired: true,
+                                                names_me: true,
+                                                ..
+                                            }
+                                    ),
+                                    "{lease:?} {d:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
