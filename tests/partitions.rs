@@ -9,7 +9,7 @@ mod common;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::partition::{Checker, Mode, ProxiedPair, Verdict};
+use common::partition::{query, Checker, Mode, ProxiedPair, Proxy, Verdict, Witness};
 use common::{time_until, wait_until, Options};
 
 /// keepalive_time x keepalive_count.
@@ -180,11 +180,12 @@ fn a_flapping_link_never_gives_two_primaries_nor_loses_a_commit() {
     let checker = Checker::start(&pp.pair);
     sleep(Duration::from_secs(3));
 
-    // Reset every second, back every second, for about 15 s (PARTITIONS_FLAP_SECS to change).
+    // Cut (reset) and healed every second for 30 s (PARTITIONS_FLAP_SECS to change): every
+    // link between the servers, heartbeats and replication.
     let flap = std::env::var("PARTITIONS_FLAP_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(15);
+        .unwrap_or(30);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(flap) {
         pp.link(Mode::Drop);
@@ -193,11 +194,14 @@ fn a_flapping_link_never_gives_two_primaries_nor_loses_a_commit() {
         sleep(Duration::from_secs(1));
     }
     let healed = Instant::now();
-    // Observed so far (printed, not asserted): no failover, and no loss, but commits wait most
-    // of the time while the link flaps (stalls of ~5 s and ~9 s in a 15 s flap): each reset
-    // ends node2's WAL receiver, which retries only every wal_retrieve_retry_interval (5 s),
-    // while node1's keeper has a heartbeat answered every other second, so its failure count
-    // never reaches keepalive_count and it never switches to asynchronous replication.
+    // Observed so far (printed, not asserted): no failover, and no loss. Each reset ends
+    // node2's WAL receiver, which retries only every wal_retrieve_retry_interval (5 s), so
+    // node1's keeper counts the seconds the link is cut and those the standby answers without
+    // streaming alike: it switches to asynchronous replication about the budget after the first
+    // cut, and commits go on while the link flaps (one stall, of about the budget, in a 30 s
+    // flap). node2's keeper has a heartbeat answered every other second, so its failure count
+    // never reaches keepalive_count. Once the link stays up, node1 restores synchronous
+    // replication.
 
     // Settle: whichever node is primary, exactly one is, and it takes the writer's commits.
     let settled = wait_until(Duration::from_secs(30), || {
@@ -259,9 +263,11 @@ fn a_one_way_cut_from_the_standby_fails_over_and_the_old_primary_fences_itself_a
     let checker = Checker::start(&pp.pair);
     sleep(Duration::from_secs(3));
 
-    // Only what goes through the proxy in front of node1 is swallowed: node2's heartbeats and
-    // its replication connection (both directions of it). node1's heartbeats still reach node2.
+    // Only what goes through the proxies in front of node1 is swallowed: node2's heartbeats
+    // (to_node1) and its replication connection (repl_to_node1), both directions of each.
+    // node1's heartbeats still reach node2.
     pp.to_node1.set_mode(Mode::Blackhole);
+    pp.repl_to_node1.set_mode(Mode::Blackhole);
     let cut = Instant::now();
     // node2 hears nothing by either path and promotes; node1, whose heartbeats node2 still
     // answers, finds it a primary on a newer timeline and fences itself, without a heal.
@@ -290,6 +296,7 @@ fn a_one_way_cut_from_the_standby_fails_over_and_the_old_primary_fences_itself_a
         "the writer did not move to the new primary"
     );
     pp.to_node1.set_mode(Mode::Pass);
+    pp.repl_to_node1.set_mode(Mode::Pass);
     let gone = time_until(Duration::from_secs(30), || node1.postmaster_pid().is_none())
         .expect("the superseded primary did not shut down after the heal");
     eprintln!(
@@ -314,11 +321,125 @@ fn a_one_way_cut_from_the_standby_fails_over_and_the_old_primary_fences_itself_a
     assert_eq!(v.overlap, Duration::ZERO, "two primaries at once: {v:?}");
 }
 
+/// A standby whose replication is cut while heartbeats still pass both ways falls behind. The
+/// primary counts a standby that answers but does not stream as failing, switches to
+/// asynchronous replication after the budget and goes on committing alone. When the primary
+/// then dies, the standby must not promote: its primary's last answer said it was not the
+/// synchronous standby, so the commits acknowledged since the switch may exist only on the
+/// primary. The primary, restarted, still has every acknowledged commit.
+#[test]
+fn a_standby_lagging_when_the_primary_dies_does_not_promote() {
+    let pp = ProxiedPair::connected("lagging", Options::default());
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    let checker = Checker::start(&pp.pair);
+    sleep(Duration::from_secs(3));
+
+    // Replication only: node2's WAL receiver is reset, and refused at each retry; the
+    // heartbeats (to_node1, to_node2) pass.
+    pp.repl_to_node1.set_mode(Mode::Drop);
+    let cut = Instant::now();
+    node1.expect_log("switching to asynchronous replication", BUDGET + MARGIN);
+    let async_after = cut.elapsed();
+    let switched = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || checker
+            .writer_acked_on(node1, switched)),
+        "node1 did not acknowledge commits after switching to asynchronous replication"
+    );
+    // A few more commits that only node1 has, and heartbeat answers that tell node2 so.
+    sleep(Duration::from_secs(2));
+    assert_eq!(node2.in_recovery(), Some(true), "node2 promoted");
+    let only_on_node1 = checker
+        .acks()
+        .iter()
+        .filter(|a| a.id.is_some() && a.port == node1.port && a.start >= switched)
+        .count();
+
+    node1.kill9();
+    let killed = Instant::now();
+    node2.expect_log(
+        "was not its synchronous standby at the last answer",
+        BUDGET + MARGIN,
+    );
+    let held_after = killed.elapsed();
+    // Well past the budget: still a standby.
+    let until = killed + BUDGET + Duration::from_secs(10);
+    sleep(until.saturating_duration_since(Instant::now()));
+    assert_eq!(
+        node2.in_recovery(),
+        Some(true),
+        "the lagging standby promoted"
+    );
+    let log2 = node2.keeper_log().join("\n");
+    assert!(log2.contains("not promoting"), "{log2}");
+    assert!(!log2.contains("promoting this standby"), "{log2}");
+
+    // node1 comes back (crash recovery; replication is still asynchronous, kept with ALTER
+    // SYSTEM) and takes the writer's commits again.
+    node1.start();
+    let restarted = Instant::now();
+    let writes_again = time_until(Duration::from_secs(30), || {
+        checker.writer_acked_on(node1, restarted)
+    })
+    .expect("the restarted primary does not acknowledge commits");
+    // Replication back: node2 streams from node1 again.
+    pp.repl_to_node1.set_mode(Mode::Pass);
+    pp.pair.wait_synchronous();
+    eprintln!(
+        "[lagging] node1 asynchronous {} ms after the replication cut; {} commits acknowledged \
+         by node1 alone before it was killed; node2 held its promotion {} ms after the kill and \
+         was still a standby {} s after it; node1 took commits {} ms after its restart; at the \
+         end: synchronous_standby_names {:?}, node1 title {:?}, node2 title {:?}",
+        async_after.as_millis(),
+        only_on_node1,
+        held_after.as_millis(),
+        (BUDGET + Duration::from_secs(10)).as_secs(),
+        writes_again.as_millis(),
+        node1.sql("SHOW synchronous_standby_names"),
+        node1.title(),
+        node2.title()
+    );
+
+    let v = checker.finish(&pp.pair);
+    report("lagging", &v);
+    keeper_lines("lagging", &pp);
+    assert!(only_on_node1 > 0, "no commit acknowledged after the switch");
+    assert_eq!(v.final_primary, Some("node1"), "{v:?}");
+    assert!(v.lost.is_empty(), "lost acknowledged commits: {v:?}");
+    assert_eq!(v.overlap, Duration::ZERO, "two primaries at once: {v:?}");
+    assert_eq!(v.acknowledged_by[1], 0, "{v:?}");
+}
+
+/// The witness harness, without pg_keeper: a plain server reached through a proxy, which a cut
+/// makes unreachable and a heal reachable again.
+#[test]
+fn a_witness_is_reachable_through_its_proxy_until_the_proxy_cuts() {
+    let witness = Witness::alone("witness-alone");
+    let proxy = Proxy::start();
+    proxy.set_target(witness.port());
+    assert_eq!(query(proxy.port, "SELECT 1").as_deref(), Some("1"));
+    // A plain server: nothing preloaded.
+    assert_eq!(
+        witness.sql("SHOW shared_preload_libraries").as_deref(),
+        Ok("")
+    );
+
+    proxy.set_mode(Mode::Drop);
+    assert_eq!(query(proxy.port, "SELECT 1"), None, "reached through a cut");
+    assert_eq!(witness.sql("SELECT 1").as_deref(), Ok("1"));
+    proxy.set_mode(Mode::Pass);
+    assert_eq!(query(proxy.port, "SELECT 1").as_deref(), Some("1"));
+
+    witness.stop();
+    assert!(witness.sql("SELECT 1").is_err(), "stopped but answers");
+    witness.start();
+    assert_eq!(query(proxy.port, "SELECT 1").as_deref(), Some("1"));
+}
+
 /// The harness itself, without servers: the proxy passes, resets and swallows, also on
 /// connections already open, and its threads end when it is dropped.
 #[test]
 fn the_proxy_passes_resets_and_swallows_traffic() {
-    use common::partition::Proxy;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::sync::atomic::{AtomicBool, Ordering};

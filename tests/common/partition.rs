@@ -1,22 +1,30 @@
-//! Fault injection between the two servers of a pair: a TCP proxy in front of each server whose
+//! Fault injection between the two servers of a pair: TCP proxies in front of the servers whose
 //! links can be reset or black-holed at run time, a pair whose server-to-server traffic goes
 //! through those proxies, and a checker that writes all the time (as a client would) and tells
 //! afterwards which acknowledged commits were lost and whether two servers accepted writes at
 //! the same time.
 //!
+//! A [`Witness`] (a plain server, without pg_keeper) can run beside the pair, reached by each
+//! node's keeper through a proxy of its own.
+//!
 //! Only 127.0.0.1 is used. Every wait is bounded; dropping a [`Proxy`] ends its threads (bounded
-//! joins), dropping a [`ProxiedPair`] stops the servers first, then the proxies.
+//! joins), dropping a [`ProxiedPair`] stops the servers (the witness, then the pair) first, then
+//! the proxies.
 
 use std::collections::HashSet;
+use std::fs;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{sleep, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::{wait_until, Node, Options, Pair, BIN};
+// `partition` is a child module of `common`, so the harness's private helpers (Node::new,
+// new_root, init_primary_with_hba, Node::destroy) are in reach and the witness reuses them.
+use super::{free_port, init_primary_with_hba, new_root, wait_until, Node, Options, Pair, BIN};
 
 // ---------------------------------------------------------------------------------------------
 // The proxy
@@ -295,6 +303,99 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The witness
+// ---------------------------------------------------------------------------------------------
+
+/// A plain PostgreSQL 15 server, without pg_keeper, for `pg_keeper.witness_conninfo`: initdb with
+/// trust authentication and user postgres, `listen_addresses = '127.0.0.1'`, a free port,
+/// `fsync = off`, no `shared_preload_libraries`; run as the `postgres` OS user. Dropping it
+/// stops the server whatever its state (bounded), prints its log if the test panicked, and
+/// removes its directory when it has one of its own.
+pub struct Witness {
+    /// The server (named `witness`; `node.port` is its real port).
+    pub node: Node,
+    /// A directory made for this witness alone, removed on drop.
+    own_root: Option<PathBuf>,
+}
+
+impl Witness {
+    /// Initializes and starts a witness in `root/witness` (a pair's directory, which the pair
+    /// removes).
+    pub fn create(root: &Path) -> Witness {
+        let witness = Witness {
+            node: Node::new("witness", root, free_port()),
+            own_root: None,
+        };
+        witness.init_and_start();
+        witness
+    }
+
+    /// Initializes and starts a witness in a fresh directory of its own, for tests without a
+    /// pair.
+    pub fn alone(label: &str) -> Witness {
+        let root = new_root(label);
+        let witness = Witness {
+            node: Node::new("witness", &root, free_port()),
+            own_root: Some(root),
+        };
+        witness.init_and_start();
+        witness
+    }
+
+    fn init_and_start(&self) {
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {}\nfsync = off\nlog_line_prefix = '%m [%p] '",
+            self.node.port
+        );
+        init_primary_with_hba(&self.node, &conf, "");
+        self.node.start();
+    }
+
+    /// Its real port (not a proxy's).
+    pub fn port(&self) -> u16 {
+        self.node.port
+    }
+
+    /// Runs SQL through psql on its real port (bounded connect and statement times); `Err`
+    /// carries psql's error output.
+    pub fn sql(&self, sql: &str) -> Result<String, String> {
+        self.node.sql(sql)
+    }
+
+    /// `pg_ctl -m fast stop` (waits at most 60 s; panics if it fails).
+    pub fn stop(&self) {
+        self.node.stop("fast");
+    }
+
+    /// `pg_ctl start` (waits at most 60 s; panics if it fails).
+    pub fn start(&self) {
+        self.node.start();
+    }
+
+    /// `kill -9` of the postmaster; waits (bounded) until its children have gone too.
+    pub fn kill9(&self) {
+        self.node.kill9();
+    }
+
+    /// Its server log.
+    pub fn log_text(&self) -> String {
+        self.node.log_text()
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        self.node.destroy();
+        if std::thread::panicking() {
+            eprintln!("---- witness log ----\n{}", self.node.log_text());
+        }
+        if let Some(root) = &self.own_root {
+            let _ = fs::remove_dir_all(root);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // A pair whose links go through proxies
 // ---------------------------------------------------------------------------------------------
 
@@ -302,31 +403,54 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>) {
 /// the other goes through a proxy:
 ///
 /// - `to_node1` is in front of node1: `pg_keeper.node1_conninfo` names it, so node2's heartbeats
-///   to node1 go through it, and so does node2's `primary_conninfo` (replication);
+///   to node1 go through it;
+/// - `repl_to_node1` is in front of node1 too, and only node2's `primary_conninfo` names it, so
+///   it carries node2's replication and nothing else: cutting it alone cuts replication while
+///   the heartbeats pass;
 /// - `to_node2` is in front of node2: `pg_keeper.node2_conninfo` and node1's `primary_conninfo`
 ///   (used only once node1 is a standby) name it, so node1's heartbeats to node2 go through it.
 ///
 /// Each server also identifies itself through its own proxy when its keeper starts (the keeper
 /// compares the postmaster start time and port it reaches with its own, so a proxy in between
 /// is fine while it passes). Clients in the tests use the direct ports (`node.port`). Cutting
-/// both proxies cuts the link between the servers symmetrically and nothing else.
+/// the three proxies ([`ProxiedPair::link`]) cuts the link between the servers symmetrically and
+/// nothing else.
+///
+/// With [`ProxiedPair::connected_with_witness`], a [`Witness`] runs beside the pair and each
+/// node's keeper reaches it through a proxy of its own (`witness_from_node1`,
+/// `witness_from_node2`), so that each node's link to the witness can be cut alone. Without a
+/// witness those two proxies have no target and refuse every connection.
 pub struct ProxiedPair {
-    // Dropped in this order: the servers stop first, then the proxies.
+    // Dropped in this order: the witness (whose directory is inside the pair's) and the servers
+    // stop first, then the proxies.
+    pub witness: Option<Witness>,
     pub pair: Pair,
     pub to_node1: Proxy,
     pub to_node2: Proxy,
+    pub repl_to_node1: Proxy,
+    pub witness_from_node1: Proxy,
+    pub witness_from_node2: Proxy,
 }
 
 fn node_conninfo(port: u16) -> String {
     format!("host=127.0.0.1 port={port} dbname=postgres user=postgres")
 }
 
+/// Runs `sql` as postgres on 127.0.0.1:`port` (a server's or a proxy's) with psql, with a 2 s
+/// connect timeout and killed after 10 s; its output, or `None` if it failed.
+pub fn query(port: u16, sql: &str) -> Option<String> {
+    psql_once(10, &node_conninfo(port), sql)
+}
+
 impl ProxiedPair {
     /// Starts the pair with the node conninfos on the proxies, moves node2's replication onto
-    /// `to_node1`, and waits until both keepers are connected and node2 is synchronous.
+    /// `repl_to_node1`, and waits until both keepers are connected and node2 is synchronous.
     pub fn connected(label: &str, opts: Options) -> ProxiedPair {
         let to_node1 = Proxy::start();
         let to_node2 = Proxy::start();
+        let repl_to_node1 = Proxy::start();
+        let witness_from_node1 = Proxy::start();
+        let witness_from_node2 = Proxy::start();
         let mut opts = opts;
         // Later lines of the shared postgresql.conf win over Pair::start's conninfos.
         opts.extra = format!(
@@ -340,15 +464,20 @@ impl ProxiedPair {
         let pair = Pair::start(label, opts);
         to_node1.set_target(pair.node1.port);
         to_node2.set_target(pair.node2.port);
+        repl_to_node1.set_target(pair.node1.port);
         let pp = ProxiedPair {
+            witness: None,
             pair,
             to_node1,
             to_node2,
+            repl_to_node1,
+            witness_from_node1,
+            witness_from_node2,
         };
         let (n1, n2) = (&pp.pair.node1, &pp.pair.node2);
         n2.append_conf(&format!(
             "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name=node2'",
-            pp.to_node1.port
+            pp.repl_to_node1.port
         ));
         n1.append_conf(&format!(
             "primary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name=node1'",
@@ -358,11 +487,12 @@ impl ProxiedPair {
         n1.reload();
         let through_proxy = wait_until(Duration::from_secs(30), || {
             n2.sql("SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'")
-                .is_ok_and(|p| p == pp.to_node1.port.to_string())
+                .is_ok_and(|p| p == pp.repl_to_node1.port.to_string())
         });
         assert!(
             through_proxy,
-            "node2 does not stream through the proxy: {:?}",
+            "node2 does not stream through the replication proxy (port {}): {:?}",
+            pp.repl_to_node1.port,
             n2.sql("SELECT status, sender_port FROM pg_stat_wal_receiver")
         );
         n1.expect_title("master mode:connected", Duration::from_secs(30));
@@ -371,12 +501,106 @@ impl ProxiedPair {
         pp
     }
 
-    /// Sets both proxies: `Pass` heals the link, `Drop`/`Blackhole` cut it both ways.
+    /// Like [`ProxiedPair::connected`], with a [`Witness`]: starts it, points
+    /// `witness_from_node1` and `witness_from_node2` at it, sets each node's
+    /// `pg_keeper.witness_conninfo` to its own witness proxy, reloads, and waits until the
+    /// witness's lease names node1 as the holder and node2 as the synchronous standby.
+    pub fn connected_with_witness(label: &str, opts: Options) -> ProxiedPair {
+        let mut pp = ProxiedPair::connected(label, opts);
+        let witness = Witness::create(&pp.pair.root);
+        pp.witness_from_node1.set_target(witness.port());
+        pp.witness_from_node2.set_target(witness.port());
+        pp.witness = Some(witness);
+        for (node, proxy) in [
+            (&pp.pair.node1, &pp.witness_from_node1),
+            (&pp.pair.node2, &pp.witness_from_node2),
+        ] {
+            node.append_conf(&format!(
+                "pg_keeper.witness_conninfo = '{} connect_timeout=2'",
+                node_conninfo(proxy.port)
+            ));
+            node.reload();
+        }
+        let witness = pp.witness.as_ref().unwrap();
+        // The table's existence is checked first so that the polling does not fill the
+        // witness's log with errors until the keeper has created it.
+        let held = wait_until(Duration::from_secs(30), || {
+            witness.sql("SELECT to_regclass('pg_keeper_lease') IS NOT NULL") == Ok("t".into())
+                && witness
+                    .sql("SELECT holder, sync_standby FROM pg_keeper_lease")
+                    .is_ok_and(|row| row == "node1|node2")
+        });
+        assert!(
+            held,
+            "the witness has no lease held by node1 with node2 synchronous after 30 s; \
+             pg_keeper_lease on the witness: {:?}; connections accepted by the witness proxies: \
+             {} from node1, {} from node2\n---- node1 keeper log ----\n{}\n---- node2 keeper log ----\n{}",
+            witness.sql("SELECT * FROM pg_keeper_lease"),
+            pp.witness_from_node1.accepted_connections(),
+            pp.witness_from_node2.accepted_connections(),
+            pp.pair.node1.keeper_log().join("\n"),
+            pp.pair.node2.keeper_log().join("\n")
+        );
+        pp
+    }
+
+    /// The lease as the witness has it now, read on its real port: (holder, epoch,
+    /// sync_standby, still valid: `expires_at > clock_timestamp()`); `None` without a witness or
+    /// when it cannot be read.
+    pub fn lease(&self) -> Option<(String, i64, Option<String>, bool)> {
+        let row = self
+            .witness
+            .as_ref()?
+            .sql(
+                "SELECT coalesce(holder, ''), epoch, expires_at > clock_timestamp(), \
+                 sync_standby IS NULL, coalesce(sync_standby, '') FROM pg_keeper_lease WHERE id = 1",
+            )
+            .ok()?;
+        // sync_standby last, so that a '|' in it stays in it.
+        let mut fields = row.splitn(5, '|');
+        let holder = fields.next()?.to_string();
+        let epoch = fields.next()?.parse().ok()?;
+        let valid = fields.next()? == "t";
+        let sync_null = fields.next()? == "t";
+        let sync = fields.next()?.to_string();
+        Some((holder, epoch, (!sync_null).then_some(sync), valid))
+    }
+
+    /// Sets the three proxies between the servers: `Pass` heals the link, `Drop`/`Blackhole`
+    /// cut it both ways (heartbeats and replication). The witness proxies are left as they are.
     pub fn link(&self, mode: Mode) {
         self.to_node1.set_mode(mode);
         self.to_node2.set_mode(mode);
+        self.repl_to_node1.set_mode(mode);
     }
 
+    /// Sets everything between `node` and the two other parties: the link between the servers
+    /// and `node`'s link to the witness.
+    pub fn isolate(&self, node: &Node, mode: Mode) {
+        self.link(mode);
+        self.witness_link(node, mode);
+    }
+
+    /// Sets only `node`'s link to the witness.
+    pub fn witness_link(&self, node: &Node, mode: Mode) {
+        self.witness_proxy(node).set_mode(mode);
+    }
+
+    /// The proxy through which `node`'s keeper reaches the witness.
+    pub fn witness_proxy(&self, node: &Node) -> &Proxy {
+        if node.port == self.pair.node1.port {
+            &self.witness_from_node1
+        } else if node.port == self.pair.node2.port {
+            &self.witness_from_node2
+        } else {
+            panic!(
+                "{} (port {}) is not a node of this pair",
+                node.name, node.port
+            )
+        }
+    }
+
+    /// The two servers of the pair (not the witness).
     pub fn nodes(&self) -> [&Node; 2] {
         [&self.pair.node1, &self.pair.node2]
     }
