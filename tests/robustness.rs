@@ -81,6 +81,12 @@ fn bad_settings_are_rejected_with_the_setting_named_and_the_old_value_kept() {
             "pg_keeper.node2_conninfo",
             "same as pg_keeper.node1_conninfo",
         ),
+        ("pg_keeper.witness_conninfo = 'host=127.0.0.1 bogus'", "pg_keeper.witness_conninfo", "does not parse"),
+        (
+            "pg_keeper.witness_conninfo = 'host=127.0.0.1 port=NODE1PORT dbname=postgres user=postgres'",
+            "pg_keeper.witness_conninfo",
+            "the witness must be a third server",
+        ),
     ];
     for (line, setting, reason) in cases {
         let line = line.replace("NODE1PORT", &n.port.to_string());
@@ -467,14 +473,26 @@ fn after_command_that_prints_hangs_or_fails_cannot_hurt() {
 
 #[test]
 fn no_password_reaches_the_log_the_title_or_after_command() {
+    // A witness whose conninfo carries a password too (trust authentication: never checked).
+    let witness = Single::start("passwords-witness", "");
     let pair = Pair::connected(
         "passwords",
         Options {
             passwords: true,
-            extra: "pg_keeper.after_command = 'env | grep ^PG_KEEPER_ | sort >> @ROOT@/env.txt'"
-                .into(),
+            extra: format!(
+                "pg_keeper.after_command = 'env | grep ^PG_KEEPER_ | sort >> @ROOT@/env.txt'\n\
+                 pg_keeper.witness_conninfo = 'host=127.0.0.1 port={} dbname=postgres user=postgres password=pw-witness-secret'",
+                witness.node.port
+            ),
             ..Options::default()
         },
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || witness
+            .node
+            .sql("SELECT sync_standby FROM pg_keeper_lease")
+            .is_ok_and(|s| s == "node2")),
+        "the lease does not name node2"
     );
     pair.node1.kill9();
     time_until(BUDGET + MARGIN, || pair.node2.in_recovery() == Some(false)).expect("no promotion");
@@ -509,7 +527,8 @@ fn no_password_reaches_the_log_the_title_or_after_command() {
         env,
         String::from_utf8_lossy(&titles.stdout)
     );
-    for secret in ["pw-kv-secret", "pw-uri-secret"] {
+    assert!(everything.contains("took the lease on the witness"));
+    for secret in ["pw-kv-secret", "pw-uri-secret", "pw-witness-secret"] {
         assert!(!everything.contains(secret), "{secret} was printed");
     }
 }
