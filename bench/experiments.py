@@ -26,6 +26,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 class Setting:
     ktime_ms: int
     kcount: int
+    # A third, plain PostgreSQL server holds the failover lease (pg_keeper.witness_conninfo).
+    witness: bool = False
 
     @property
     def budget(self) -> float:
@@ -33,27 +35,33 @@ class Setting:
         return self.ktime_ms * self.kcount / 1000.0
 
     @property
+    def lease(self) -> float | None:
+        """(keepalive_count + 2) x keepalive_time, in seconds: the lease time on the witness
+        (None without a witness). A standby promotes only once the primary's lease has expired."""
+        return (self.kcount + 2) * self.ktime_ms / 1000.0 if self.witness else None
+
+    @property
     def label(self) -> str:
         t = f"{self.ktime_ms // 1000}s" if self.ktime_ms % 1000 == 0 else f"{self.ktime_ms}ms"
-        return f"{t} x {self.kcount}"
+        return f"{t} x {self.kcount}" + (" + witness" if self.witness else "")
 
     @property
     def slug(self) -> str:
-        return self.label.replace(" x ", "x")
+        return self.label.replace(" x ", "x").replace(" + ", "-")
 
 
-SETTING_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*[x:*]\s*(\d+)\s*$", re.I)
+SETTING_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*[x:*]\s*(\d+)\s*(\+\s*witness\s*)?$", re.I)
 
 
 def parse_setting(text: str) -> Setting:
     m = SETTING_RE.match(text)
     if not m:
-        raise ValueError(f"bad setting {text!r}: expected like '200ms x 3' or '1s:3'")
+        raise ValueError(f"bad setting {text!r}: expected like '200ms x 3', '1s:3' or '1s x 3 + witness'")
     value, unit, count = float(m.group(1)), m.group(2).lower(), int(m.group(3))
     ms = int(round(value * (1000 if unit == "s" else 1)))
     if ms < 100 or count < 1:
         raise ValueError(f"bad setting {text!r}: keepalive_time must be >= 100ms and count >= 1")
-    return Setting(ms, count)
+    return Setting(ms, count, witness=m.group(4) is not None)
 
 
 # ---------------------------------------------------------------- the writing client
@@ -125,6 +133,66 @@ def stop_writer(w: Writer | None) -> None:
         w.join(5)
 
 
+class LeaseWatch(threading.Thread):
+    """Reads the lease row on the witness every `interval` seconds over one connection and
+    records every version of it: (Unix time first seen, holder, epoch, sync_standby, renewed_at,
+    expires_at), the two timestamps as Unix times on the witness's clock (the same machine)."""
+
+    SQL = ("SELECT holder, epoch, sync_standby, extract(epoch FROM renewed_at)::float8, "
+           "extract(epoch FROM expires_at)::float8 FROM pg_keeper_lease WHERE id = 1")
+
+    def __init__(self, witness: Node, interval: float = 0.02):
+        super().__init__(daemon=True)
+        self.witness = witness
+        self.interval = interval
+        self.rows: list[tuple[float, str, int, str | None, float, float]] = []
+        self.errors = 0
+        self._stop_flag = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_flag.set()
+
+    def run(self) -> None:
+        conn = None
+        while not self._stop_flag.is_set():
+            try:
+                if conn is None:
+                    conn = self.witness.connect(2)
+                row = conn.execute(self.SQL).fetchone()
+                if row is not None and (not self.rows or self.rows[-1][1:] != tuple(row)):
+                    self.rows.append((time.time(), *row))
+            except Exception:
+                self.errors += 1
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
+                conn = None
+            self._stop_flag.wait(self.interval)
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def last_of(self, holder: str):
+        rows = [r for r in self.rows if r[1] == holder]
+        return rows[-1] if rows else None
+
+    def describe(self, since: float) -> list[tuple[float, str]]:
+        """(time, line) for every version of the lease seen, with times relative to `since`."""
+        return [(t, f"witness {t - since:+8.3f}s lease read: holder {h}, epoch {e}, synchronous standby "
+                    f"{sb or 'none'}, renewed {ren - since:+.3f}s, expires {exp - since:+.3f}s")
+                for t, h, e, sb, ren, exp in self.rows]
+
+
+def stop_watch(w: LeaseWatch | None) -> None:
+    if w is not None:
+        w.stop()
+        w.join(5)
+
+
 def missing_acked(node: Node, writer: Writer) -> tuple[int, int]:
     """(acknowledged ids missing on `node`, ids present there that were never acknowledged)."""
     present = {r[0] for r in node.query("SELECT id FROM bench_writes", timeout=5)}
@@ -152,9 +220,10 @@ SERVER_EVENTS = ("promote", "waiting for WAL", "redo done", "archive recovery co
                  "selected new timeline", "could not receive data", "could not connect to the primary")
 
 
-def _keeper_log(pair: Pair, since: float) -> list[str]:
+def _keeper_log(pair: Pair, since: float, watch: "LeaseWatch | None" = None) -> list[str]:
     """The keepers' log lines and the server's recovery lines from 1 s before `since` on, with
-    times relative to `since`."""
+    times relative to `since`; with a witness also its errors and the versions of the lease that
+    `watch` saw."""
     out = []
     for n in pair.nodes:
         for ln in parse_log(n.log):
@@ -162,6 +231,12 @@ def _keeper_log(pair: Pair, since: float) -> list[str]:
                 continue
             if "pg_keeper:" in ln.text or any(e in ln.text for e in SERVER_EVENTS):
                 out.append((ln.t, f"{n.name} {ln.t - since:+8.3f}s {ln.text}"))
+    if pair.witness is not None:
+        for ln in parse_log(pair.witness.log):
+            if ln.t >= since - 1.0 and ln.text.startswith(("WARNING", "ERROR", "FATAL", "PANIC")):
+                out.append((ln.t, f"witness {ln.t - since:+8.3f}s {ln.text}"))
+    if watch is not None:
+        out.extend(watch.describe(since))
     return [text for _, text in sorted(out, key=lambda x: x[0])]
 
 
@@ -169,8 +244,9 @@ def _keeper_log(pair: Pair, since: float) -> list[str]:
 
 def primary_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
     """kill -9 of the primary's postmaster under a writing client; the standby must take over."""
-    pair = make_pair(reg, f"primary-crash-{s.slug}", s.ktime_ms, s.kcount)
+    pair = make_pair(reg, f"primary-crash-{s.slug}", s.ktime_ms, s.kcount, witness=s.witness)
     w = None
+    watch = None
     t_kill = None
     try:
         n1, n2 = pair.node1, pair.node2
@@ -178,13 +254,20 @@ def primary_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
         w = Writer(pair.multihost())
         w.start()
         _warm_up(w, s)
+        if pair.witness is not None:
+            watch = LeaseWatch(pair.witness)
+            watch.start()
+            # The watch must have seen node1's lease before the kill.
+            if not wait_until(5, lambda: watch.last_of("node1"), 0.02):
+                raise BenchError(f"could not read the lease on the witness ({watch.errors} failed reads)")
         t_kill = n1.kill9()
-        limit = s.budget + 30
+        limit = max(s.budget, s.lease or 0.0) + 30
         if not wait_until(limit, lambda: w.acks_since(t_kill, n2.port), 0.02):
             raise BenchError(f"no commit accepted by node2 within {limit:.1f}s after the kill "
                              f"(node2 title {n2.title()}, last client error: {w.failures[-1][1] if w.failures else 'none'})")
         time.sleep(0.5)
         stop_writer(w)
+        stop_watch(watch)
         n1.wait_gone(20)
 
         last_old = max(a[1] for a in w.acks if a[2] == n1.port)
@@ -203,7 +286,7 @@ def primary_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
         detection = lost.t - t_kill
         promotion = writable - lost.t
         missing, unacked = missing_acked(n2, w)
-        return {
+        result = {
             "outage_s": outage,
             "detection_s": detection,
             "promotion_s": promotion,
@@ -214,12 +297,39 @@ def primary_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
             "acked_commits": len(w.acks),
             "client_failures": len(w.failures),
         }
+        if watch is not None:
+            result.update(_lease_figures(watch, n2, t_kill, first_new))
+        return result
     finally:
         stop_writer(w)
+        stop_watch(watch)
         if t_kill is not None:
             log_sink.append(f"## primary crash {s.label} (times relative to the kill)")
-            log_sink.extend(_keeper_log(pair, t_kill))
+            log_sink.extend(_keeper_log(pair, t_kill, watch))
         pair.destroy()
+
+
+def _lease_figures(watch: LeaseWatch, n2: Node, t_kill: float, first_new: float) -> dict:
+    """With a witness: when the dead primary's lease ran out, and when node2 waited for and took it
+    (seconds after the kill)."""
+    old = watch.last_of("node1")
+    new = watch.last_of("node2")
+    taken = n2.first_line("took the lease on the witness", t_kill)
+    held = n2.first_line("the lease on the witness cannot be taken", t_kill)
+    if taken is None:
+        raise BenchError("node2 promoted but its log has no 'took the lease on the witness' line")
+    if new is None:
+        raise BenchError("node2 promoted but the lease on the witness never named it")
+    return {
+        # node1's last renewal (negative: before the kill) and the expiry it wrote.
+        "lease_last_renewal_s": old[4] - t_kill,
+        "lease_expiry_s": old[5] - t_kill,
+        # node2's "not promoting: ... the lease on the witness cannot be taken" line, if it waited.
+        "lease_held_line_s": (held.t - t_kill) if held else float("nan"),
+        "lease_taken_s": taken.t - t_kill,
+        # first commit on node2 after the old lease expired.
+        "outage_after_expiry_s": first_new - old[5],
+    }
 
 
 # ---------------------------------------------------------------- 2. standby crash
@@ -227,7 +337,7 @@ def primary_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
 def standby_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
     """kill -9 of the synchronous standby's postmaster; commits on the primary stall until its
     keeper switches to asynchronous replication."""
-    pair = make_pair(reg, f"standby-crash-{s.slug}", s.ktime_ms, s.kcount)
+    pair = make_pair(reg, f"standby-crash-{s.slug}", s.ktime_ms, s.kcount, witness=s.witness)
     w = None
     t_kill = None
     try:
@@ -237,7 +347,7 @@ def standby_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
         w.start()
         _warm_up(w, s)
         t_kill = n2.kill9()
-        limit = s.budget + 30
+        limit = max(s.budget, s.lease or 0.0) + 30
 
         def released():
             line = n1.first_line("changed replication mode to asynchronous", t_kill)
@@ -269,7 +379,7 @@ def standby_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
         detection = lost.t - t_kill
         switch = switched.t - lost.t
         missing, unacked = missing_acked(n1, w)
-        return {
+        result = {
             "stall_s": stall,
             "detection_s": detection,
             "switch_s": switch,
@@ -278,6 +388,18 @@ def standby_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
             "acked_commits": len(w.acks),
             "client_failures": len(w.failures),
         }
+        if pair.witness is not None:
+            # With a witness the primary records "no synchronous standby" in the lease before it
+            # switches; part of `switch`.
+            recorded = n1.first_line("recorded on the witness that no standby is synchronous", t_kill)
+            if recorded is None:
+                raise BenchError("node1 switched to async but its log has no 'recorded on the witness' line")
+            result["lease_released_line_s"] = recorded.t - t_kill
+            lease = pair.lease()
+            if lease != ("node1", None):
+                raise BenchError(f"after the switch the lease on the witness is {lease}, not held by node1 "
+                                 "with no synchronous standby")
+        return result
     finally:
         stop_writer(w)
         if t_kill is not None:
@@ -312,7 +434,7 @@ def overhead_start(reg: Registry, settings: list[Setting]) -> dict[Setting, Pair
     pairs: dict[Setting, Pair | Exception] = {}
     for s in settings:
         try:
-            pairs[s] = make_pair(reg, f"overhead-{s.slug}", s.ktime_ms, s.kcount)
+            pairs[s] = make_pair(reg, f"overhead-{s.slug}", s.ktime_ms, s.kcount, witness=s.witness)
         except Exception as e:
             pairs[s] = e
     time.sleep(2)  # let start-up work settle
@@ -400,14 +522,16 @@ def pgbench_tps(node: Node, clients: int, jobs: int, seconds: int) -> float:
 
 
 class PgbenchAB:
-    """Two pairs with identical settings, A with pg_keeper_rs loaded and B without it, each
-    initialised with `pgbench -i`; runs alternate A B A B on the primaries."""
+    """Two pairs with identical settings, A with pg_keeper_rs loaded (and its witness, if the
+    setting has one) and B without it, each initialised with `pgbench -i`; runs alternate A B A B
+    on the primaries."""
 
     def __init__(self, reg: Registry, s: Setting, scale: int, clients: int, jobs: int, seconds: int):
         self.s, self.clients, self.jobs, self.seconds = s, clients, jobs, seconds
         self.a = self.b = None
         try:
-            self.a = make_pair(reg, f"pgbench-with-{s.slug}", s.ktime_ms, s.kcount, extension=True)
+            self.a = make_pair(reg, f"pgbench-with-{s.slug}", s.ktime_ms, s.kcount, extension=True,
+                               witness=s.witness)
             self.b = make_pair(reg, f"pgbench-without-{s.slug}", s.ktime_ms, s.kcount, extension=False)
             for p in (self.a, self.b):
                 run_pgbench(p.node1, ["-i", "-s", str(scale), "-q"], 600)

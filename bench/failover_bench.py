@@ -1,9 +1,11 @@
 """Failover benchmark for pg_keeper_rs (run through bench/run).
 
-Sets up real primary/standby pairs of the installed PostgreSQL 15 with the installed extension,
+Sets up real primary/standby pairs of the installed PostgreSQL 15 with the installed extension
+(with a setting like '1s x 3 + witness', also a third plain server as the keepers' witness),
 crashes them with kill -9 under a writing client, measures the keepers' CPU and memory while they
-heartbeat, and compares pgbench throughput with and without the extension. Writes
-results/results.csv, results/outage.png, results/summary.md and results/keeper_lines.log.
+heartbeat, and compares pgbench throughput with and without the extension. Writes results.csv,
+outage.png, summary.md and keeper_lines.log to the output directory (--results/--out, default
+bench/results).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ def parse_args(argv):
     p.add_argument("--reps", type=int, default=3, help="repetitions of each measurement (default 3)")
     p.add_argument("--quick", action="store_true", help="one repetition of everything (same as --reps 1)")
     p.add_argument("--settings", default=DEFAULT_SETTINGS,
-                   help=f"comma-separated keepalive_time x keepalive_count (default '{DEFAULT_SETTINGS}')")
+                   help=f"comma-separated keepalive_time x keepalive_count, each optionally followed by "
+                        f"'+ witness' (a third plain server holds the failover lease), e.g. '1s x 3 + witness' "
+                        f"(default '{DEFAULT_SETTINGS}')")
     p.add_argument("--only", default=",".join(EXPERIMENTS),
                    help="comma-separated subset of: " + ", ".join(EXPERIMENTS) + " (default all)")
     p.add_argument("--duration", type=float, default=60,
@@ -54,7 +58,8 @@ def parse_args(argv):
     p.add_argument("--keepalive-unit", choices=("ms", "s"), default="ms",
                    help="how keepalive_time is written to postgresql.conf: 'ms' ('100ms', default) "
                         "or 's' ('0.1s')")
-    p.add_argument("--results", default=os.path.join(HERE, "results"), help="output directory (default bench/results)")
+    p.add_argument("--results", "--out", dest="results", default=os.path.join(HERE, "results"),
+                   help="output directory, created if missing (default bench/results)")
     a = p.parse_args(argv)
     if a.quick:
         a.reps = 1
@@ -151,13 +156,13 @@ class Run:
         except Exception as e:
             msg = f"{type(e).__name__}: {e}"
             self.record(experiment, s, rep, error=msg)
-            print(f"  {experiment:14s} {s.label:10s} rep {rep}: FAILED ({time.monotonic() - t0:.0f}s): {msg}", flush=True)
+            print(f"  {experiment:14s} {s.label:18s} rep {rep}: FAILED ({time.monotonic() - t0:.0f}s): {msg}", flush=True)
             if not isinstance(e, ex.BenchError):
                 traceback.print_exc()
             return
         self.record(experiment, s, rep, m)
         brief = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
-        print(f"  {experiment:14s} {s.label:10s} rep {rep}: {brief}  [{time.monotonic() - t0:.0f}s]", flush=True)
+        print(f"  {experiment:14s} {s.label:18s} rep {rep}: {brief}  [{time.monotonic() - t0:.0f}s]", flush=True)
 
 
 def _unwrap(result):
@@ -274,8 +279,9 @@ def main(argv) -> int:
         "command": "bench/run " + " ".join(shlex.quote(a) for a in argv) if argv else "bench/run",
         "reps": args.reps,
         "duration": args.duration,
+        "overhead": f"window {args.duration:g}s" if "overhead" in args.only else "not run (--only)",
         "pgbench": (f"scale {args.pgbench_scale}, {args.pgbench_pairs} A/B pair(s) of {args.pgbench_time}s runs, "
-                    f"keeper at {args.pgbench_setting.label}"),
+                    f"keeper at {args.pgbench_setting.label}" if "pgbench" in args.only else "not run (--only)"),
         "extra_conf": ", ".join(pgpair.EXTRA_CONF) or "none",
         "keepalive_unit": args.keepalive_unit,
         "so_start": so_start,

@@ -1,6 +1,7 @@
 """Real PostgreSQL 15 servers for the benchmark: a primary/standby pair protected by pg_keeper_rs
-(or the same pair without the extension), on 127.0.0.1 with free ports, run as the `postgres` OS
-user under one temporary directory.
+(or the same pair without the extension), optionally with a witness (a third, plain server that
+holds the keepers' failover lease), on 127.0.0.1 with free ports, run as the `postgres` OS user
+under one temporary directory.
 
 Every server started here is remembered together with the processes it forked, so that
 `Registry.cleanup()` can stop all of them (pg_ctl -m immediate, then kill -9 of what is left),
@@ -315,17 +316,37 @@ class Pair:
     ktime_ms: int
     kcount: int
     extension: bool
+    # The plain server named by pg_keeper.witness_conninfo, if the pair has one.
+    witness: Node | None = None
 
     @property
     def nodes(self) -> list[Node]:
+        """The two nodes with the extension (not the witness)."""
         return [self.node1, self.node2]
+
+    @property
+    def servers(self) -> list[Node]:
+        """Every server of the pair, the witness included."""
+        return self.nodes + ([self.witness] if self.witness is not None else [])
+
+    @property
+    def lease_ms(self) -> int:
+        """The lease time the keepers use with a witness: (keepalive_count + 2) x keepalive_time."""
+        return (self.kcount + 2) * self.ktime_ms
+
+    def lease(self) -> tuple[str, str | None] | None:
+        """(holder, sync_standby) of the lease row on the witness, or None if there is none yet."""
+        if self.witness is None:
+            return None
+        rows = self.witness.query("SELECT holder, sync_standby FROM pg_keeper_lease")
+        return (rows[0][0], rows[0][1]) if rows else None
 
     def multihost(self, extra: str = "") -> str:
         return (f"host=127.0.0.1,127.0.0.1 port={self.node1.port},{self.node2.port} dbname=postgres "
                 f"user=postgres target_session_attrs=read-write connect_timeout=2 {extra}").strip()
 
     def destroy(self) -> None:
-        for n in self.nodes:
+        for n in self.servers:
             try:
                 n.stop()
             finally:
@@ -334,17 +355,23 @@ class Pair:
 
 
 STARTED_RE = re.compile(r"pg_keeper: started; keepalive_time=(\d+)ms keepalive_count=(\d+)")
+# The rest of the started line: "; witness host=... with a lease of 5000ms" or "; no witness".
+STARTED_WITNESS_RE = re.compile(r"; witness .* with a lease of (\d+)ms")
 
 
 def check_keeper_settings(pair: "Pair") -> None:
     """Fails unless both keepers run with the keepalive_time and keepalive_count that were
-    written to postgresql.conf (a value the server rejects leaves the default in force)."""
+    written to postgresql.conf (a value the server rejects leaves the default in force), and,
+    for a pair with a witness, with the witness and the expected lease time."""
     for n in pair.nodes:
         started = None
+        lease_ms = None
         for ln in parse_log(n.log):
             m = STARTED_RE.search(ln.text)
             if m:
                 started = (int(m.group(1)), int(m.group(2)))
+                w = STARTED_WITNESS_RE.search(ln.text)
+                lease_ms = int(w.group(1)) if w else None
         if started != (pair.ktime_ms, pair.kcount):
             complaints = [ln.text for ln in parse_log(n.log)
                           if "pg_keeper." in ln.text and ("WARNING" in ln.text or "ERROR" in ln.text)]
@@ -353,6 +380,13 @@ def check_keeper_settings(pair: "Pair") -> None:
                 f"({pair.ktime_ms}ms, {pair.kcount}) as configured ("
                 f"keepalive_time = '{keepalive_spelling(pair.ktime_ms)}'); server said: "
                 f"{'; '.join(complaints[-2:]) or 'nothing'}")
+        if pair.witness is not None and lease_ms != pair.lease_ms:
+            complaints = [ln.text for ln in parse_log(n.log)
+                          if "witness" in ln.text and ("WARNING" in ln.text or "ERROR" in ln.text)]
+            raise BenchError(
+                f"{n.name}'s keeper does not run with the witness and a lease of {pair.lease_ms}ms "
+                f"(its started line says {'a lease of ' + str(lease_ms) + 'ms' if lease_ms else 'no witness'}); "
+                f"server said: {'; '.join(complaints[-2:]) or 'nothing'}")
 
 
 # How keepalive_time is written to postgresql.conf: 'ms' ('200ms') or 's' ('0.2s').
@@ -363,7 +397,12 @@ def keepalive_spelling(ktime_ms: int) -> str:
     return f"{ktime_ms}ms" if KEEPALIVE_UNIT == "ms" else f"{ktime_ms / 1000:g}s"
 
 
-def common_conf(p1: int, p2: int, ktime_ms: int, kcount: int, extension: bool) -> str:
+def witness_conninfo(port: int) -> str:
+    return f"host=127.0.0.1 port={port} dbname=postgres user=postgres connect_timeout=2"
+
+
+def common_conf(p1: int, p2: int, ktime_ms: int, kcount: int, extension: bool,
+                witness_port: int | None = None) -> str:
     lines = [
         "# --- benchmark pair (identical on both nodes) ---",
         "listen_addresses = '127.0.0.1'",
@@ -383,28 +422,57 @@ def common_conf(p1: int, p2: int, ktime_ms: int, kcount: int, extension: bool) -
             f"pg_keeper.keepalive_time = '{keepalive_spelling(ktime_ms)}'",
             f"pg_keeper.keepalive_count = {kcount}",
         ]
+        if witness_port is not None:
+            lines.append(f"pg_keeper.witness_conninfo = '{witness_conninfo(witness_port)}'")
     if EXTRA_CONF:
         lines += ["# --- extra (bench/run --conf) ---", *EXTRA_CONF]
     return "\n".join(lines)
 
 
+WITNESS_CONF = """
+# --- benchmark witness: a plain server that only holds the keepers' lease row ---
+listen_addresses = '127.0.0.1'
+port = {port}
+shared_preload_libraries = ''
+fsync = off
+cluster_name = 'witness'
+log_line_prefix = '%m [%p] '
+log_timezone = 'UTC'
+"""
+
+
 def make_pair(reg: Registry, label: str, ktime_ms: int, kcount: int, extension: bool = True,
-              connect_timeout: float | None = None) -> Pair:
+              connect_timeout: float | None = None, witness: bool = False) -> Pair:
     """Creates and starts node1 (primary) and node2 (synchronous standby, from pg_basebackup), and
-    waits until node2 streams synchronously and, with the extension, both keepers are connected."""
+    waits until node2 streams synchronously and, with the extension, both keepers are connected.
+
+    With `witness` (and the extension) a third plain server is started first (trust auth, fsync
+    off, no extension) and named by both nodes' pg_keeper.witness_conninfo; the pair is ready
+    once the lease on it is held by node1 and names node2 as its synchronous standby."""
     if connect_timeout is None:
         connect_timeout = max(60.0, 3 * ktime_ms / 1000 + 20)
+    witness = witness and extension
     base = reg.new_dir(label)
-    p1 = free_port()
-    p2 = free_port()
-    while p2 == p1:
-        p2 = free_port()
+    ports: list[int] = []
+    while len(ports) < (3 if witness else 2):
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
+    p1, p2 = ports[0], ports[1]
     n1 = Node("node1", os.path.join(base, "node1"), p1, os.path.join(base, "node1.log"))
     n2 = Node("node2", os.path.join(base, "node2"), p2, os.path.join(base, "node2.log"))
-    pair = Pair(reg, base, n1, n2, ktime_ms, kcount, extension)
+    wn = (Node("witness", os.path.join(base, "witness"), ports[2], os.path.join(base, "witness.log"))
+          if witness else None)
+    pair = Pair(reg, base, n1, n2, ktime_ms, kcount, extension, wn)
     try:
+        if wn is not None:
+            # The same initdb'ed directory as the nodes (initdb as the postgres OS user, trust).
+            subprocess.run(["cp", "-a", reg.template(), wn.dir], check=True, timeout=60)
+            wn.append_conf(WITNESS_CONF.format(port=wn.port))
+            reg.nodes.append(wn)
+            wn.start()
         subprocess.run(["cp", "-a", reg.template(), n1.dir], check=True, timeout=60)
-        common = common_conf(p1, p2, ktime_ms, kcount, extension)
+        common = common_conf(p1, p2, ktime_ms, kcount, extension, wn.port if wn is not None else None)
         n1.append_conf(common + f"""
 # --- node-specific ---
 port = {p1}
@@ -441,7 +509,19 @@ primary_conninfo = 'host=127.0.0.1 port={p1} user=postgres application_name=node
                 for n in pair.nodes), 0.1)
             if not ok:
                 raise BenchError(f"{label}: the keepers' heartbeat connections did not appear")
-        for n in pair.nodes:
+        if wn is not None:
+            # Until the lease names node2 as the synchronous standby, node2 would rightly refuse
+            # to promote: no crash before that.
+            want = ("node1", "node2")
+            if not wait_until(connect_timeout, lambda: pair.lease() == want, 0.1):
+                try:
+                    seen = pair.lease()
+                except Exception as e:
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    seen = f"unreadable ({type(e).__name__}: {first})"
+                raise BenchError(f"{label}: the lease on the witness did not become holder node1 / "
+                                 f"synchronous standby node2 within {connect_timeout:.0f}s (last seen: {seen})")
+        for n in pair.servers:
             n.remember_processes()
         return pair
     except BaseException:

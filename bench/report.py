@@ -2,6 +2,10 @@
 
 A record is one repetition of one experiment at one setting:
 {"experiment", "setting", "ktime_ms", "kcount", "budget_s", "rep", "status", "error", "metrics": {...}}
+
+A setting with a witness ("1s x 3 + witness") keeps keepalive_time x keepalive_count as its budget
+(chart, targets, budget_s); its lease time (keepalive_count + 2) x keepalive_time is shown next to
+it in summary.md.
 """
 
 from __future__ import annotations
@@ -74,15 +78,22 @@ def write_csv(path: str, records) -> None:
 
 # ---------------------------------------------------------------- tables
 
+def any_witness(settings) -> bool:
+    return any(s.witness for s in settings)
+
+
 def failover_table(records, settings) -> str:
-    head = ("| setting | budget s | primary crash: outage s | detection s | promotion s | reconnection s "
+    lease_col = any_witness(settings)
+    head = ("| setting | budget s " + ("| lease s " if lease_col else "")
+            + "| primary crash: outage s | detection s | promotion s | reconnection s "
             "| lost commits | standby crash: stall s | detection s | reps ok (primary/standby) |")
-    rows = [head, "|" + "---|" * 10]
+    rows = [head, "|" + "---|" * (11 if lease_col else 10)]
     for s in settings:
         P, S = "primary_crash", "standby_crash"
         lost = values(records, P, s.label, "lost_commits")
+        lease = (f"| {s.lease:g} " if s.witness else "| - ") if lease_col else ""
         rows.append(
-            f"| {s.label} | {s.budget:g} | {cell(values(records, P, s.label, 'outage_s'))} "
+            f"| {s.label} | {s.budget:g} {lease}| {cell(values(records, P, s.label, 'outage_s'))} "
             f"| {cell(values(records, P, s.label, 'detection_s'))} "
             f"| {cell(values(records, P, s.label, 'promotion_s'))} "
             f"| {cell(values(records, P, s.label, 'reconnection_s'))} "
@@ -90,6 +101,26 @@ def failover_table(records, settings) -> str:
             f"| {cell(values(records, S, s.label, 'stall_s'))} "
             f"| {cell(values(records, S, s.label, 'detection_s'))} "
             f"| {count_reps(records, P, s.label)} / {count_reps(records, S, s.label)} |")
+    return "\n".join(rows)
+
+
+def witness_table(records, settings) -> str:
+    """The lease steps of the witness settings, in seconds after the kill."""
+    head = ("| setting | lease s | primary crash: node1's last renewal | its lease expires "
+            "| node2 waits for the lease | node2 takes it | outage after the expiry "
+            "| standby crash: node1 records no sync standby |")
+    rows = [head, "|" + "---|" * 8]
+    P, S = "primary_crash", "standby_crash"
+    for s in settings:
+        if not s.witness:
+            continue
+        rows.append(
+            f"| {s.label} | {s.lease:g} | {cell(values(records, P, s.label, 'lease_last_renewal_s'))} "
+            f"| {cell(values(records, P, s.label, 'lease_expiry_s'))} "
+            f"| {cell(values(records, P, s.label, 'lease_held_line_s'))} "
+            f"| {cell(values(records, P, s.label, 'lease_taken_s'))} "
+            f"| {cell(values(records, P, s.label, 'outage_after_expiry_s'))} "
+            f"| {cell(values(records, S, s.label, 'lease_released_line_s'))} |")
     return "\n".join(rows)
 
 
@@ -155,6 +186,11 @@ def targets(records, settings) -> list[str]:
         if s.ktime_ms == 100 and s.kcount == 3:
             judge(f"primary crash outage median at {s.label} <= {PRIMARY_100MS_CAP_S}s",
                   st[0] if st else None, PRIMARY_100MS_CAP_S)
+        if s.witness:
+            # Not a target of the issue: with a witness the standby also waits for the dead
+            # primary's lease to expire, up to the lease time after its last renewal.
+            judge(f"(witness, expected) primary crash outage median at {s.label} <= lease time + "
+                  f"{PRIMARY_SLACK_S}s", st[0] if st else None, s.lease + PRIMARY_SLACK_S)
     lost_all = [v for s in settings for v in values(records, "primary_crash", s.label, "lost_commits")]
     if lost_all:
         total = int(sum(lost_all))
@@ -189,6 +225,7 @@ def chart(path: str, records, settings) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 6.8), dpi=120)
     budgets = sorted({s.budget for s in settings})
+    leases = [s.lease for s in settings if s.witness]
     lo_b, hi_b = min(budgets) * 0.6, max(budgets) * 1.6
     xs = [lo_b * (hi_b / lo_b) ** (i / 100) for i in range(101)]
     ax.plot(xs, xs, color="black", lw=1.2, label="floor: outage = budget")
@@ -197,12 +234,20 @@ def chart(path: str, records, settings) -> None:
     ax.plot(xs, [x + STANDBY_SLACK_S for x in xs], color="tab:orange", lw=1, ls=":",
             label=f"target, standby crash: budget + {STANDBY_SLACK_S}s")
 
-    series = [("primary_crash", "outage_s", "primary crash: write outage", "tab:blue", "o", 0.94),
-              ("standby_crash", "stall_s", "standby crash: commit stall", "tab:orange", "s", 1.06)]
-    all_y = []
-    for exp, metric, label, color, marker, shift in series:
+    # (experiment, metric, legend, colour, marker, x shift, witness settings?)
+    series = [("primary_crash", "outage_s", "primary crash: write outage", "tab:blue", "o", 0.94, False),
+              ("standby_crash", "stall_s", "standby crash: commit stall", "tab:orange", "s", 1.06, False),
+              ("primary_crash", "outage_s", "witness: primary crash, write outage", "tab:green", "D", 0.90, True),
+              ("standby_crash", "stall_s", "witness: standby crash, commit stall", "tab:red", "^", 1.10, True)]
+    if leases:
+        ax.plot([s.budget for s in settings if s.witness], leases, ls="none", marker="_", ms=22, mew=2,
+                color="dimgray", label="witness: lease time (count + 2) × keepalive_time")
+    all_y = list(leases)
+    for exp, metric, label, color, marker, shift, witness in series:
         px, py, lo, hi = [], [], [], []
         for s in settings:
+            if s.witness != witness:
+                continue
             st = stats(values(records, exp, s.label, metric))
             if st is None:
                 continue
@@ -217,8 +262,10 @@ def chart(path: str, records, settings) -> None:
                         label=label + " (median, min–max)")
     for s in settings:
         measured = any(values(records, exp, s.label, metric) for exp, metric, *_ in series)
-        ax.annotate(s.label + ("" if measured else " (no data)"), (s.budget, s.budget),
-                    textcoords="offset points", xytext=(8, -14), fontsize=9,
+        # A witness setting is labelled at its lease time, so that it does not cover the label of
+        # the same setting without a witness.
+        ax.annotate(s.label + ("" if measured else " (no data)"), (s.budget, s.lease if s.witness else s.budget),
+                    textcoords="offset points", xytext=(8, 6 if s.witness else -14), fontsize=9,
                     color="dimgray" if measured else "tab:red")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -235,7 +282,9 @@ def chart(path: str, records, settings) -> None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("detection budget = keepalive_time × keepalive_count (s)")
     ax.set_ylabel("time without acknowledged commits (s)")
-    ax.set_title("pg_keeper_rs: outage after kill -9 vs detection budget")
+    ax.set_title("pg_keeper_rs: outage after kill -9 vs detection budget"
+                 + (" (with and without a witness)" if leases and len(leases) < len(settings) else
+                    " (with a witness)" if leases else ""))
     ax.grid(True, which="major", alpha=0.4)
     ax.grid(True, which="minor", alpha=0.12)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=9, frameon=False)
@@ -256,10 +305,24 @@ def observations(records, settings) -> list[str]:
                    f"({', '.join(f'{st} rep {rep}: {v:.2f}s' for st, rep, v in slow)}); "
                    "keeper_lines.log shows node2's recovery lines for each")
     for s in settings:
+        if s.witness:
+            held = values(records, "primary_crash", s.label, "lease_held_line_s")
+            expiry = values(records, "primary_crash", s.label, "lease_expiry_s")
+            taken = values(records, "primary_crash", s.label, "lease_taken_s")
+            n = len(values(records, "primary_crash", s.label, "outage_s"))
+            if n:
+                out.append(f"{s.label}: in {len(held)} of {n} primary crashes node2 logged that it could not "
+                           "take the lease yet (`not promoting: ... the lease on the witness cannot be taken`)"
+                           + (f", median {statistics.median(held):.2f}s after the kill" if held else "")
+                           + (f"; node1's lease expired a median {statistics.median(expiry):.2f}s after the kill "
+                              f"and node2 took it at {statistics.median(taken):.2f}s" if expiry and taken else ""))
         det = values(records, "primary_crash", s.label, "detection_s") + \
             values(records, "standby_crash", s.label, "detection_s")
+        if s.witness:
+            det = values(records, "standby_crash", s.label, "detection_s")
         if det and statistics.median(det) < s.budget - 0.5 * s.ktime_ms / 1000:
-            out.append(f"{s.label}: detection median {statistics.median(det):.2f}s is below the budget "
+            out.append(f"{s.label}: {'standby crash ' if s.witness else ''}detection median "
+                       f"{statistics.median(det):.2f}s is below the budget "
                        f"{s.budget:g}s: kill -9 closes the heartbeat connection, which counts as a failed "
                        "heartbeat at once; the budget applies in full to a peer that stops answering "
                        "without closing connections")
@@ -270,8 +333,10 @@ def observations(records, settings) -> list[str]:
 
 def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
     failover = failover_table(records, settings)
-    overhead = overhead_table(records, settings)
-    pgb = pgbench_table(records)
+    witness = witness_table(records, settings) if any_witness(settings) else ""
+    ran = {r["experiment"] for r in records}
+    overhead = overhead_table(records, settings) if "overhead" in ran else "Not run."
+    pgb = pgbench_table(records) if "pgbench" in ran else "Not run."
     tg = targets(records, settings)
     failed = [r for r in records if r["status"] != "ok"]
     lines = [
@@ -279,7 +344,7 @@ def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
         "",
         f"Run {run_info['started']} – {run_info['finished']} ({run_info['elapsed_min']:.1f} min), "
         f"command: `{run_info['command']}`.",
-        f"Repetitions: {run_info['reps']} per setting and experiment; overhead window {run_info['duration']:g}s; "
+        f"Repetitions: {run_info['reps']} per setting and experiment; overhead: {run_info['overhead']}; "
         f"pgbench: {run_info['pgbench']}. keepalive_time written in {run_info['keepalive_unit']} "
         f"(e.g. '{'100ms' if run_info['keepalive_unit'] == 'ms' else '0.1s'}'). "
         f"Extra server settings: {run_info['extra_conf']}.",
@@ -315,15 +380,41 @@ def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
         "- *lost commits*: acknowledged ids missing on the new primary, summed over all repetitions.",
         "- *stall*: longest gap between acknowledged commits on the primary after the standby's kill.",
         "",
+    ]
+    if witness:
+        lines += [
+            "## Witness (seconds after the kill; median (min–max))",
+            "",
+            "Settings marked `+ witness` run a third, plain PostgreSQL server named by both nodes' "
+            "`pg_keeper.witness_conninfo`; it holds the lease row (`pg_keeper_lease`). The primary renews "
+            "the lease every `keepalive_time` for the *lease time* (keepalive_count + 2) × keepalive_time; "
+            "the standby promotes only after the dead primary's lease has expired and it has taken it, so "
+            "its *detection* above includes that wait. Every crash starts with the lease held by node1 "
+            "with node2 as the synchronous standby. The *budget* stays keepalive_time × keepalive_count.",
+            "",
+            witness,
+            "",
+            "- *last renewal*, *lease expires*: node1's last `renewed_at`/`expires_at` in the lease row, "
+            "read from the witness every 20 ms (the witness runs on the same clock).",
+            "- *waits for the lease*: node2's `not promoting: ... the lease on the witness cannot be taken` "
+            "line (absent when the lease had already expired when it counted its failures).",
+            "- *takes it*: node2's `took the lease on the witness` line; *outage after the expiry*: the "
+            "expiry → the first commit acknowledged by node2.",
+            "- *records no sync standby*: node1's `recorded on the witness that no standby is synchronous` "
+            "line, which precedes its switch to asynchronous replication.",
+            "",
+        ]
+    lines += [
         "## Overhead of the keeper (idle connected pair, extrapolated to one hour)",
         "",
         overhead,
         "",
-        "CPU from /proc/PID/stat utime+stime (10 ms ticks) unless marked *scheduler* "
-        "(/proc/PID/schedstat, ns). *Heartbeat backends*: the server backends that answer the peer "
-        "keeper's heartbeat connection, both nodes together. RSS is VmRSS of the keeper process; it "
-        "includes the shared memory pages it has touched, *private* is RssAnon.",
-        "",
+        *(["CPU from /proc/PID/stat utime+stime (10 ms ticks) unless marked *scheduler* "
+           "(/proc/PID/schedstat, ns). *Heartbeat backends*: the server backends that answer the peer "
+           "keeper's heartbeat connection, both nodes together. RSS is VmRSS of the keeper process; it "
+           "includes the shared memory pages it has touched, *private* is RssAnon."
+           + (" With a witness, the witness server's own CPU is not counted." if any_witness(settings) else ""),
+           ""] if "overhead" in ran else []),
         "## pgbench (`pgbench -c 4 -j 2 -N`, primary of a synchronous pair, with vs without the extension)",
         "",
         pgb,
@@ -347,4 +438,4 @@ def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
     text = "\n".join(lines)
     with open(path, "w") as f:
         f.write(text)
-    return "\n\n".join([failover, overhead, pgb, "\n".join(tg)])
+    return "\n\n".join([t for t in (failover, witness, overhead, pgb, "\n".join(tg)) if t])
