@@ -549,3 +549,92 @@ fn the_proxy_passes_resets_and_swallows_traffic() {
     stop.store(true, Ordering::SeqCst);
     echo.join().unwrap();
 }
+
+/// The faults that need no proxy, under the checker (the same scenarios with a witness are in
+/// tests/witness.rs): kill -9 of the primary, of the standby, and the primary frozen longer than
+/// the budget, then thawed. Each: no acknowledged commit lost, never two primaries, and the
+/// primary at the end that README.md's table gives.
+#[test]
+fn crashes_and_a_freeze_under_the_checker_lose_nothing_and_never_give_two_primaries() {
+    // Primary crash: node2 promotes, the writer follows.
+    let pp = ProxiedPair::connected("checked-primary-crash", Options::default());
+    let checker = Checker::start(&pp.pair);
+    sleep(Duration::from_secs(3));
+    pp.pair.node1.kill9();
+    let killed = Instant::now();
+    let promoted = time_until(BUDGET + MARGIN, || {
+        pp.pair.node2.in_recovery() == Some(false)
+    })
+    .expect("node2 did not promote");
+    assert!(
+        wait_until(Duration::from_secs(20), || checker
+            .writer_acked_on(&pp.pair.node2, killed)),
+        "the writer did not move to node2"
+    );
+    let v = checker.finish(&pp.pair);
+    eprintln!(
+        "[checked-primary-crash] promoted {} ms after the kill",
+        promoted.as_millis()
+    );
+    report("checked-primary-crash", &v);
+    assert_eq!(v.final_primary, Some("node2"), "{v:?}");
+    assert!(v.lost.is_empty(), "lost acknowledged commits: {v:?}");
+    assert_eq!(v.overlap, Duration::ZERO, "{v:?}");
+    drop(pp);
+
+    // Standby crash: node1 goes asynchronous and on.
+    let pp = ProxiedPair::connected("checked-standby-crash", Options::default());
+    let checker = Checker::start(&pp.pair);
+    sleep(Duration::from_secs(3));
+    pp.pair.node2.kill9();
+    let killed = Instant::now();
+    pp.pair
+        .node1
+        .expect_log("switching to asynchronous replication", BUDGET + MARGIN);
+    assert!(
+        wait_until(Duration::from_secs(20), || checker
+            .writer_acked_on(&pp.pair.node1, killed + BUDGET)),
+        "writes did not resume on node1"
+    );
+    let v = checker.finish(&pp.pair);
+    report("checked-standby-crash", &v);
+    assert_eq!(v.final_primary, Some("node1"), "{v:?}");
+    assert!(v.lost.is_empty(), "lost acknowledged commits: {v:?}");
+    drop(pp);
+
+    // Primary frozen longer than the budget: node2 promotes; node1, thawed, fences itself before
+    // it acknowledges anything (its commits wait for a standby that no longer streams from it).
+    let mut pp = ProxiedPair::connected("checked-freeze", Options::default());
+    let checker = Checker::start(&pp.pair);
+    sleep(Duration::from_secs(3));
+    pp.pair.node1.freeze();
+    let frozen = Instant::now();
+    let promoted = wait_until(BUDGET + MARGIN, || {
+        pp.pair.node2.in_recovery() == Some(false)
+    });
+    sleep(Duration::from_secs(2));
+    pp.pair.node1.thaw();
+    assert!(promoted, "node2 did not promote while node1 was frozen");
+    pp.pair
+        .node1
+        .expect_log("superseded", Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(30), || pp
+            .pair
+            .node1
+            .postmaster_pid()
+            .is_none()),
+        "the thawed primary did not shut down"
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || checker
+            .writer_acked_on(&pp.pair.node2, frozen)),
+        "the writer did not move to node2"
+    );
+    let v = checker.finish(&pp.pair);
+    report("checked-freeze", &v);
+    keeper_lines("checked-freeze", &pp);
+    assert_eq!(v.final_primary, Some("node2"), "{v:?}");
+    assert!(v.lost.is_empty(), "lost acknowledged commits: {v:?}");
+    assert_eq!(v.overlap, Duration::ZERO, "two primaries at once: {v:?}");
+}
