@@ -394,16 +394,14 @@ impl Worker {
         } else {
             0
         };
-        if let Some(f) = facts.filter(|f| in_recovery && !f.in_recovery && wal_receiver_recent) {
-            if f.sync_state_of_asker.is_none() && self.unlisted_answers >= UNLISTED_BEFORE_WARNING {
-                self.note_once(
-                    Level::Warning,
-                    format!(
-                        "the primary does not show this standby (application_name '{asker}') in pg_stat_replication to the heartbeat's user, so this standby cannot know it is synchronous and will not promote"
-                    ),
-                    Some("Use a superuser or a member of pg_monitor in the node conninfos, and set application_name in primary_conninfo."),
-                );
-            }
+        if self.unlisted_answers >= UNLISTED_BEFORE_WARNING {
+            self.note_once(
+                Level::Warning,
+                format!(
+                    "the primary does not show this standby (application_name '{asker}') in pg_stat_replication to the heartbeat's user, so this standby cannot know it is synchronous and will not promote"
+                ),
+                Some("Use a superuser or a member of pg_monitor in the node conninfos, and set application_name in primary_conninfo."),
+            );
         }
         let sync_standby_now = mode == Mode::MasterConnected && sync_configured && view.streaming;
         let lease = self.observe_lease(mode, in_recovery, my_timeline, sync_standby_now);
@@ -460,7 +458,7 @@ impl Worker {
         } else {
             return Lease::NotConfigured;
         };
-        self.witness_result(result.as_ref().map(|r| r.as_ref()).map_err(|e| e.as_str()));
+        self.witness_result(&result);
         match result {
             Err(why) => Lease::Unreachable(self.scrub(&why)),
             Ok(None) => Lease::Missing,
@@ -494,7 +492,7 @@ impl Worker {
 
     /// Follows whether the witness can be used: a warning when it cannot (repeated every
     /// minute), a line when it can again, and the lease or the reason in the status.
-    fn witness_result(&mut self, result: Result<Option<&LeaseRow>, &str>) {
+    fn witness_result(&mut self, result: &Result<Option<LeaseRow>, String>) {
         let now = Instant::now();
         match result {
             Ok(row) => {
@@ -510,7 +508,9 @@ impl Worker {
                         None,
                     );
                 }
-                let shown = row.map_or("no lease yet".to_string(), LeaseRow::describe);
+                let shown = row
+                    .as_ref()
+                    .map_or("no lease yet".to_string(), LeaseRow::describe);
                 status::publish(|s| s.witness.set(&shown));
             }
             Err(why) => {
@@ -561,7 +561,7 @@ impl Worker {
             return Ok(());
         };
         let result = witness.claim(me, timeline, None, lease_time, deadline);
-        self.witness_result(result.as_ref().map(|r| r.as_ref()).map_err(|e| e.as_str()));
+        self.witness_result(&result);
         match result? {
             Some(row) if row.mine => {
                 self.event(

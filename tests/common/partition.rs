@@ -371,16 +371,6 @@ impl Witness {
     pub fn start(&self) {
         self.node.start();
     }
-
-    /// `kill -9` of the postmaster; waits (bounded) until its children have gone too.
-    pub fn kill9(&self) {
-        self.node.kill9();
-    }
-
-    /// Its server log.
-    pub fn log_text(&self) -> String {
-        self.node.log_text()
-    }
 }
 
 impl Drop for Witness {
