@@ -419,7 +419,10 @@ impl Settings {
     /// renewals; a standby that has counted keepalive_count failures waits at most about two
     /// more intervals for it to expire.
     pub fn lease_time(&self) -> Duration {
-        self.keepalive_time * (self.keepalive_count + 2)
+        Duration::from_millis(keeper_core::lease_time_ms(
+            self.keepalive_time.as_millis() as u64,
+            self.keepalive_count,
+        ))
     }
 
     /// A short description of the settings that matter for failover timing, for the log.

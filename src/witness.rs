@@ -15,6 +15,8 @@
 use std::ffi::{CStr, CString};
 use std::time::{Duration, Instant};
 
+pub use keeper_core::LeaseRow;
+
 use crate::heartbeat::{Beat, Node, Reply};
 
 /// Made once per connection; `IF NOT EXISTS` because both nodes may try.
@@ -82,53 +84,23 @@ fn take_sql() -> CString {
     .expect("no NUL in the statement")
 }
 
-/// The lease row as the witness returned it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LeaseRow {
-    pub holder: String,
-    pub epoch: i64,
-    pub timeline: i64,
-    pub sync_standby: Option<String>,
-    /// Expired on the witness's clock.
-    pub expired: bool,
-    /// Milliseconds until it expires (negative: since it expired).
-    pub ms_left: i64,
-    /// The statement renewed or took the lease for this node.
-    pub mine: bool,
-}
-
-impl LeaseRow {
-    fn parse(row: &[Option<String>]) -> Result<LeaseRow, String> {
-        let text = |i: usize| row.get(i).cloned().flatten();
-        let num = |i: usize| text(i).and_then(|v| v.parse::<i64>().ok());
-        match (text(0), num(1), num(2), num(5)) {
-            (Some(holder), Some(epoch), Some(timeline), Some(ms_left)) if row.len() == 7 => {
-                Ok(LeaseRow {
-                    holder,
-                    epoch,
-                    timeline,
-                    sync_standby: text(3),
-                    expired: text(4).as_deref() == Some("t"),
-                    ms_left,
-                    mine: text(6).as_deref() == Some("t"),
-                })
-            }
-            _ => Err("the witness's answer could not be read".into()),
+/// Reads one row of [`COLUMNS`] plus `mine`.
+fn parse_row(row: &[Option<String>]) -> Result<LeaseRow, String> {
+    let text = |i: usize| row.get(i).cloned().flatten();
+    let num = |i: usize| text(i).and_then(|v| v.parse::<i64>().ok());
+    match (text(0), num(1), num(2), num(5)) {
+        (Some(holder), Some(epoch), Some(timeline), Some(ms_left)) if row.len() == 7 => {
+            Ok(LeaseRow {
+                holder,
+                epoch,
+                timeline,
+                sync_standby: text(3),
+                expired: text(4).as_deref() == Some("t"),
+                ms_left,
+                mine: text(6).as_deref() == Some("t"),
+            })
         }
-    }
-
-    /// One line for the status and the log.
-    pub fn describe(&self) -> String {
-        let sync = self.sync_standby.as_deref().unwrap_or("none");
-        let when = if self.expired {
-            format!("expired {} ms ago", -self.ms_left)
-        } else {
-            format!("valid for {} ms", self.ms_left)
-        };
-        format!(
-            "lease held by {} (epoch {}, timeline {}, synchronous standby {sync}), {when}",
-            self.holder, self.epoch, self.timeline
-        )
+        _ => Err("the witness's answer could not be read".into()),
     }
 }
 
@@ -177,7 +149,7 @@ impl Witness {
             }
         }
         match self.node.run(sql, params, deadline) {
-            Ok(Reply::Rows(rows)) => rows.first().map(|r| LeaseRow::parse(r)).transpose(),
+            Ok(Reply::Rows(rows)) => rows.first().map(|r| parse_row(r)).transpose(),
             Ok(Reply::Error(msg)) => {
                 // The table may have been dropped by hand: make it again next time.
                 self.table_ready = false;

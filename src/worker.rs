@@ -463,7 +463,7 @@ impl Worker {
             Err(why) => Lease::Unreachable(self.scrub(&why)),
             Ok(None) => Lease::Missing,
             Ok(Some(row)) => {
-                let lease = lease_for_core(&row, me, timeline, primary);
+                let lease = row.view(me, timeline, primary);
                 let was_mine = self
                     .lease
                     .as_ref()
@@ -940,21 +940,6 @@ impl Worker {
             s.keepalive_count = count;
             s.keepalive_time_ms = time_ms;
         });
-    }
-}
-
-/// What the core needs of the lease row. A primary holds it when this tick's renewal went
-/// through; a standby when it is the holder (it took the lease to promote).
-fn lease_for_core(row: &LeaseRow, me: &str, timeline: u32, primary: bool) -> Lease {
-    let held = if primary { row.mine } else { row.holder == me };
-    if held {
-        return Lease::Held;
-    }
-    Lease::Peer {
-        // The same name on a later timeline is a newer incarnation of this node: superseded too.
-        newer: row.timeline >= timeline as i64 || row.holder == me,
-        expired: row.expired,
-        names_me: row.sync_standby.as_deref() == Some(me),
     }
 }
 

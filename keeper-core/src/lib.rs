@@ -9,6 +9,9 @@
 
 use std::fmt;
 
+mod lease;
+pub use lease::{lease_time_ms, LeaseRow};
+
 /// What the keeper is doing. The process title, the log and the status all show this one value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mode {

@@ -1,0 +1,62 @@
+//! The lease on the witness, as the core reasons about it: the row every witness statement
+//! returns, and what it means for this node. The statements themselves (compare-and-set SQL)
+//! live in the worker; `keeper-sim` models them with the same semantics.
+
+use crate::Lease;
+
+/// The lease row as the witness returned it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub holder: String,
+    pub epoch: i64,
+    pub timeline: i64,
+    pub sync_standby: Option<String>,
+    /// Expired on the witness's clock.
+    pub expired: bool,
+    /// Milliseconds until it expires (negative: since it expired).
+    pub ms_left: i64,
+    /// The statement renewed or took the lease for this node.
+    pub mine: bool,
+}
+
+impl LeaseRow {
+    /// One line for the status and the log.
+    pub fn describe(&self) -> String {
+        let sync = self.sync_standby.as_deref().unwrap_or("none");
+        let when = if self.expired {
+            format!("expired {} ms ago", -self.ms_left)
+        } else {
+            format!("valid for {} ms", self.ms_left)
+        };
+        format!(
+            "lease held by {} (epoch {}, timeline {}, synchronous standby {sync}), {when}",
+            self.holder, self.epoch, self.timeline
+        )
+    }
+
+    /// What the row means for node `me` on `timeline`. A primary holds the lease when this
+    /// tick's renewal went through (`mine`); a standby when it is the holder (it took the lease
+    /// to promote).
+    pub fn view(&self, me: &str, timeline: u32, primary: bool) -> Lease {
+        let held = if primary {
+            self.mine
+        } else {
+            self.holder == me
+        };
+        if held {
+            return Lease::Held;
+        }
+        Lease::Peer {
+            // The same name on a later timeline is a newer incarnation of this node: superseded
+            // too.
+            newer: self.timeline >= timeline as i64 || self.holder == me,
+            expired: self.expired,
+            names_me: self.sync_standby.as_deref() == Some(me),
+        }
+    }
+}
+
+/// How long a lease lasts on the witness's clock, in milliseconds.
+pub fn lease_time_ms(keepalive_time_ms: u64, keepalive_count: u32) -> u64 {
+    keepalive_time_ms * (keepalive_count as u64 + 2)
+}

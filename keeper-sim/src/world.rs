@@ -1,0 +1,716 @@
+//! Two servers with a keeper each, a witness, the links between them, and clients; advanced in
+//! steps of [`Config::step_ms`]. Each keeper is the real [`Keeper`] from `keeper-core`, driven
+//! through the same cycle as `src/worker.rs`: read the replication view, heartbeat the peer,
+//! renew or read the lease, step the core, perform the actions in order (a failed one told to
+//! the core).
+
+use keeper_core::{
+    lease_time_ms, Action, Event, Heartbeat, Input, Keeper, Lease, LeaseRow, Level, Mode,
+    Observation, Settings,
+};
+
+use crate::model::{Link, Ms, Sender, Server, Witness};
+
+/// The knobs of a run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub step_ms: Ms,
+    pub keepalive_ms: Ms,
+    pub keepalive_count: u32,
+    pub witness: bool,
+    /// A client commits on every writable server this often.
+    pub client_ms: Ms,
+    /// `pg_keeper.sync_restore_lag`, in records.
+    pub sync_restore_lag: usize,
+    /// Records a fast replication link carries per step; a slow one carries one every
+    /// `slow_every` steps.
+    pub fast_rate: usize,
+    pub slow_every: u64,
+    /// How long a started server refuses connections.
+    pub startup_ms: Ms,
+    /// How long after a request a promotion ends recovery.
+    pub promote_ms: Ms,
+    /// The checkpointer takes in a reload this long after it (at most; the run draws it).
+    pub max_reload_ms: Ms,
+    /// `wal_sender_timeout` / `wal_receiver_timeout`.
+    pub stream_timeout_ms: Ms,
+    /// The walsender sends a keepalive on an idle stream this often.
+    pub stream_keepalive_ms: Ms,
+    /// Check (c) at the end of a run.
+    pub check_liveness: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            step_ms: 10,
+            keepalive_ms: 1000,
+            keepalive_count: 3,
+            witness: true,
+            client_ms: 50,
+            sync_restore_lag: 40,
+            fast_rate: 1000,
+            slow_every: 3,
+            startup_ms: 300,
+            promote_ms: 30,
+            max_reload_ms: 60,
+            stream_timeout_ms: 60_000,
+            stream_keepalive_ms: 30_000,
+            check_liveness: true,
+        }
+    }
+}
+
+impl Config {
+    pub fn lease_ms(&self) -> u64 {
+        lease_time_ms(self.keepalive_ms, self.keepalive_count)
+    }
+}
+
+/// How far a worker is into its tick.
+#[derive(Clone, Debug)]
+enum Phase {
+    /// Waiting for the next tick.
+    Idle,
+    /// The heartbeat is on its way; what was seen before it.
+    Heartbeat { until: Ms, tick: Partial },
+    /// The lease statement is on its way.
+    Lease { until: Ms, tick: Partial },
+}
+
+/// What a tick has seen so far.
+#[derive(Clone, Debug)]
+struct Partial {
+    in_recovery: bool,
+    mode: Mode,
+    sync_configured: bool,
+    streaming: bool,
+    caught_up: bool,
+    heartbeat: Option<Heartbeat>,
+    peer: Option<PeerFacts>,
+    wal_receiver_recent: bool,
+    lease: Lease,
+}
+
+/// What the peer said of itself in its heartbeat answer.
+#[derive(Clone, Debug)]
+struct PeerFacts {
+    in_recovery: bool,
+    timeline: u32,
+    /// The sync_state it shows for the asking standby, if that one streams.
+    sync_state_of_asker: Option<&'static str>,
+}
+
+/// The background worker of one server.
+#[derive(Clone, Debug)]
+pub struct Worker {
+    pub keeper: Keeper,
+    identified: bool,
+    last_tick: Option<Ms>,
+    recheck_after: Option<Ms>,
+    last_event: Option<Event>,
+    /// No tick before this (a call that waited out its deadline).
+    busy_until: Ms,
+    phase: Phase,
+}
+
+impl Worker {
+    fn new() -> Worker {
+        Worker {
+            keeper: Keeper::new(),
+            identified: false,
+            last_tick: None,
+            recheck_after: None,
+            last_event: None,
+            busy_until: 0,
+            phase: Phase::Idle,
+        }
+    }
+
+    fn interval(&self, c: &Config) -> Ms {
+        if self.keeper.mode() == Mode::Promoting {
+            100
+        } else if let Some(soon) = self.recheck_after {
+            c.keepalive_ms.min(soon)
+        } else {
+            c.keepalive_ms
+        }
+    }
+}
+
+/// A commit acknowledged to a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub id: u64,
+    pub node: usize,
+    pub timeline: u32,
+    pub at: Ms,
+}
+
+/// The whole simulated world.
+pub struct World {
+    pub c: Config,
+    pub now: Ms,
+    pub servers: [Server; 2],
+    pub workers: [Option<Worker>; 2],
+    pub witness: Witness,
+    /// `hb[n]`: the path of node n's heartbeats (and connections) to the other node.
+    pub hb: [Link; 2],
+    /// The replication stream between the nodes.
+    pub repl: Link,
+    /// `wit[n]`: node n's path to the witness.
+    pub wit: [Link; 2],
+    pub acks: Vec<Ack>,
+    next_id: u64,
+    next_client: Ms,
+    rng: crate::Rng,
+    /// Lines of the trace (faults, decisions, actions), when tracing.
+    pub trace: Option<Vec<String>>,
+    /// The trace counts time from here (the start of a schedule's faults).
+    pub epoch: Ms,
+    /// A crash or worker restart to inject right after a node performs an action.
+    pub after_action: Vec<(usize, Action, crate::AfterAction)>,
+}
+
+pub const NAMES: [&str; 2] = ["node1", "node2"];
+
+impl World {
+    /// node1 primary, node2 its synchronous standby, both keepers connected, the lease (with a
+    /// witness) naming node2.
+    pub fn new(c: Config, seed: u64) -> World {
+        let mut w = World {
+            c,
+            now: 0,
+            servers: [Server::new(NAMES[0], false), Server::new(NAMES[1], true)],
+            workers: [Some(Worker::new()), Some(Worker::new())],
+            witness: Witness::default(),
+            hb: [Link::Up; 2],
+            repl: Link::Up,
+            wit: [Link::Up; 2],
+            acks: Vec::new(),
+            next_id: 1,
+            next_client: 0,
+            rng: crate::Rng::new(seed),
+            trace: None,
+            epoch: 0,
+            after_action: Vec::new(),
+        };
+        // Settle: both keepers connected and synchronous.
+        for _ in 0..(5 * w.c.keepalive_ms / w.c.step_ms) {
+            w.step();
+        }
+        w
+    }
+
+    pub fn say(&mut self, line: impl FnOnce() -> String) {
+        if let Some(t) = self.trace.as_mut() {
+            let at = self.now as f64 - self.epoch as f64;
+            t.push(format!("[{:>8} ms] {}", at, line()));
+        }
+    }
+
+    fn settings(&self, n: usize) -> Settings {
+        Settings {
+            keepalive_count: self.c.keepalive_count,
+            promote_timeout_ms: 100,
+            allow_data_loss_failover: false,
+            me_name: NAMES[n].into(),
+            peer_name: NAMES[1 - n].into(),
+        }
+    }
+
+    /// Advances the world by one step.
+    pub fn step(&mut self) {
+        self.now += self.c.step_ms;
+        self.background();
+        self.replicate();
+        self.clients();
+        for n in 0..2 {
+            self.run_worker(n);
+        }
+    }
+
+    fn next_timeline(&self) -> u32 {
+        self.servers.iter().map(|s| s.timeline).max().unwrap_or(1) + 1
+    }
+
+    fn background(&mut self) {
+        let next_tl = self.next_timeline();
+        for (n, name) in NAMES.iter().enumerate() {
+            let was_recovery = self.servers[n].in_recovery;
+            let tl = self.servers[n].timeline;
+            let released = self.servers[n].background(self.now, next_tl);
+            for id in released {
+                self.ack(n, id, tl);
+            }
+            if was_recovery && !self.servers[n].in_recovery {
+                self.say(|| format!("{name}: recovery ended, timeline {next_tl}"));
+            }
+        }
+    }
+
+    /// The replication stream from whichever node is a primary to the other.
+    fn replicate(&mut self) {
+        let now = self.now;
+        for p in 0..2 {
+            let s = 1 - p;
+            let (prim, stby) = (self.servers[p].clone(), self.servers[s].clone());
+            if prim.in_recovery || !stby.in_recovery {
+                continue;
+            }
+            let compatible = stby.wal.len() <= prim.wal.len()
+                && stby
+                    .wal
+                    .last()
+                    .is_none_or(|id| prim.wal[stby.wal.len() - 1] == *id)
+                && stby.timeline <= prim.timeline;
+            let reset = !prim.up
+                || !stby.up
+                || now < prim.starting_until
+                || now < stby.starting_until
+                || !compatible
+                || self.repl == Link::Drop;
+            let stalled = prim.frozen || stby.frozen || self.repl == Link::Swallow;
+            if reset {
+                self.servers[p].sender = None;
+                self.servers[s].receiver_streaming = false;
+                continue;
+            }
+            if stalled {
+                // An open connection with nothing on it, until a timeout ends it.
+                let to = self.c.stream_timeout_ms;
+                if let Some(snd) = &self.servers[p].sender {
+                    if now.saturating_sub(snd.last_reply) > to && !prim.frozen {
+                        self.servers[p].sender = None;
+                    }
+                }
+                if now.saturating_sub(self.servers[s].last_receipt) > to && !stby.frozen {
+                    self.servers[s].receiver_streaming = false;
+                }
+                continue;
+            }
+            let rate = match self.repl {
+                Link::Slow if (now / self.c.step_ms).is_multiple_of(self.c.slow_every) => 1,
+                Link::Slow => 0,
+                _ => self.c.fast_rate,
+            };
+            let have = self.servers[s].wal.len();
+            let end = (have + rate).min(self.servers[p].wal.len());
+            let new: Vec<u64> = self.servers[p].wal[have..end].to_vec();
+            let moved = !new.is_empty();
+            let tl = self.servers[p].timeline;
+            let stby = &mut self.servers[s];
+            stby.wal.extend(new);
+            stby.timeline = tl;
+            stby.receiver_streaming = true;
+            if moved || now.saturating_sub(stby.last_keepalive) >= self.c.stream_keepalive_ms {
+                stby.last_receipt = now;
+                stby.last_keepalive = now;
+            }
+            let flush = stby.wal.len();
+            self.servers[p].sender = Some(Sender {
+                flush,
+                last_reply: now,
+            });
+            // Commits waiting for this standby's flush are acknowledged.
+            let prim = &mut self.servers[p];
+            let (done, still): (Vec<_>, Vec<_>) =
+                prim.waiting.drain(..).partition(|(_, lsn)| *lsn <= flush);
+            prim.waiting = still;
+            for (id, _) in done {
+                self.ack(p, id, tl);
+            }
+        }
+    }
+
+    fn ack(&mut self, node: usize, id: u64, timeline: u32) {
+        self.acks.push(Ack {
+            id,
+            node,
+            timeline,
+            at: self.now,
+        });
+    }
+
+    /// A client with a session on each writable server commits once per interval, one commit in
+    /// flight per server.
+    fn clients(&mut self) {
+        if self.now < self.next_client {
+            return;
+        }
+        self.next_client = self.now + self.c.client_ms;
+        for n in 0..2 {
+            let srv = &self.servers[n];
+            if !srv.writable(self.now) || !srv.waiting.is_empty() {
+                continue;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            let srv = &mut self.servers[n];
+            srv.wal.push(id);
+            if srv.sync_in_force {
+                let lsn = srv.wal.len();
+                srv.waiting.push((id, lsn));
+            } else {
+                let tl = srv.timeline;
+                self.ack(n, id, tl);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // The worker's cycle, as in src/worker.rs.
+
+    fn run_worker(&mut self, n: usize) {
+        let now = self.now;
+        if !self.servers[n].running(now) {
+            return;
+        }
+        let Some(w) = self.workers[n].as_mut() else {
+            // The postmaster starts the worker once the server is up.
+            self.workers[n] = Some(Worker::new());
+            return;
+        };
+        match w.phase.clone() {
+            Phase::Idle => {
+                let due = w.last_tick.map_or(now, |t| t + w.interval(&self.c));
+                if now >= due && now >= w.busy_until {
+                    w.last_tick = Some(now);
+                    w.recheck_after = None;
+                    self.tick_start(n);
+                }
+            }
+            Phase::Heartbeat { until, tick } if now >= until => self.tick_lease(n, tick),
+            Phase::Lease { until, tick } if now >= until => self.tick_decide(n, tick),
+            _ => {}
+        }
+    }
+
+    fn worker(&mut self, n: usize) -> &mut Worker {
+        self.workers[n].as_mut().expect("a running worker")
+    }
+
+    fn tick_start(&mut self, n: usize) {
+        let now = self.now;
+        let srv = &self.servers[n];
+        let in_recovery = srv.in_recovery;
+        if !self.worker(n).identified {
+            self.worker(n).identified = true;
+            // The first heartbeat follows at once.
+            self.worker(n).last_tick = None;
+            self.decide(n, Input::Identified { in_recovery });
+            return;
+        }
+        let mode = self.worker(n).keeper.mode();
+        let srv = &self.servers[n];
+        let sync_configured = srv.sync_names;
+        let (streaming, caught_up) = match (&srv.sender, mode.is_master() && !in_recovery) {
+            (Some(snd), true) => (
+                true,
+                srv.insert_lsn() - snd.flush.min(srv.insert_lsn()) <= self.c.sync_restore_lag,
+            ),
+            _ => (false, false),
+        };
+        let (heartbeat, peer, delay) = if mode.heartbeats() {
+            self.heartbeat(n)
+        } else {
+            (None, None, 0)
+        };
+        let tick = Partial {
+            in_recovery,
+            mode,
+            sync_configured,
+            streaming,
+            caught_up,
+            heartbeat,
+            peer,
+            wal_receiver_recent: false,
+            lease: Lease::NotConfigured,
+        };
+        self.worker(n).phase = Phase::Heartbeat {
+            until: now + delay,
+            tick,
+        };
+        if delay == 0 {
+            self.run_worker(n);
+        }
+    }
+
+    /// Node n's heartbeat to the other: the outcome and how long it took.
+    fn heartbeat(&self, n: usize) -> (Option<Heartbeat>, Option<PeerFacts>, Ms) {
+        let peer = &self.servers[1 - n];
+        let kt = self.c.keepalive_ms;
+        let no = |why: &str, after| (Some(Heartbeat::NoAnswer(why.into())), None, after);
+        match self.hb[n] {
+            Link::Drop => return no("connection reset", 0),
+            Link::Swallow => return no("timeout", kt),
+            _ => {}
+        }
+        if !peer.up {
+            return no("connection refused", 0);
+        }
+        if peer.frozen {
+            return no("timeout", kt);
+        }
+        if self.now < peer.starting_until {
+            return (
+                Some(Heartbeat::Refused(
+                    "FATAL: the database system is starting up".into(),
+                )),
+                None,
+                0,
+            );
+        }
+        // The sync_state the peer shows for the asker, if the asker streams from it.
+        let sync_state = match (&peer.sender, peer.in_recovery) {
+            (Some(_), false) if peer.sync_names => Some("sync"),
+            (Some(_), false) => Some("async"),
+            _ => None,
+        };
+        let facts = PeerFacts {
+            in_recovery: peer.in_recovery,
+            timeline: peer.timeline,
+            sync_state_of_asker: sync_state,
+        };
+        (Some(Heartbeat::Answered), Some(facts), 0)
+    }
+
+    fn tick_lease(&mut self, n: usize, mut tick: Partial) {
+        let now = self.now;
+        let srv = &self.servers[n];
+        let window = self.c.keepalive_ms * self.c.keepalive_count as u64;
+        tick.wal_receiver_recent = tick.in_recovery
+            && srv.receiver_streaming
+            && now.saturating_sub(srv.last_receipt) <= window;
+        let primary = tick.mode.is_master() && !tick.in_recovery;
+        let standby = matches!(tick.mode, Mode::StandbyWaiting | Mode::StandbyConnected);
+        let mut delay = 0;
+        let sync_standby_now =
+            tick.mode == Mode::MasterConnected && tick.sync_configured && tick.streaming;
+        if self.c.witness && (primary || standby) {
+            let timeline = self.servers[n].timeline;
+            let lease_ms = self.c.lease_ms();
+            let me = NAMES[n];
+            let result = self.witness_call(n, |wt, now| {
+                if primary {
+                    wt.claim(
+                        me,
+                        timeline,
+                        sync_standby_now.then_some(NAMES[1 - n]),
+                        lease_ms,
+                        now,
+                    )
+                } else {
+                    wt.read(now)
+                }
+            });
+            tick.lease = match result {
+                Err((why, after)) => {
+                    delay = after;
+                    Lease::Unreachable(why)
+                }
+                Ok(None) => Lease::Missing,
+                Ok(Some(row)) => {
+                    let lease = row.view(me, timeline, primary);
+                    if let (false, Lease::Peer { expired: false, .. }) = (primary, &lease) {
+                        self.worker(n).recheck_after = Some(row.ms_left.max(0) as u64 + 20);
+                    }
+                    lease
+                }
+            };
+        }
+        self.worker(n).phase = Phase::Lease {
+            until: now + delay,
+            tick,
+        };
+        if delay == 0 {
+            self.run_worker(n);
+        }
+    }
+
+    /// One statement on the witness through node n's path: its answer, or why not and how long
+    /// the caller waited.
+    fn witness_call(
+        &mut self,
+        n: usize,
+        f: impl FnOnce(&mut Witness, Ms) -> Option<LeaseRow>,
+    ) -> Result<Option<LeaseRow>, (String, Ms)> {
+        match self.wit[n] {
+            Link::Drop => return Err(("connection reset".into(), 0)),
+            Link::Swallow => return Err(("timeout".into(), self.c.keepalive_ms)),
+            _ => {}
+        }
+        if self.witness.down {
+            return Err(("connection refused".into(), 0));
+        }
+        Ok(f(&mut self.witness, self.now))
+    }
+
+    fn tick_decide(&mut self, n: usize, tick: Partial) {
+        self.worker(n).phase = Phase::Idle;
+        let my_timeline = self.servers[n].timeline;
+        let facts = tick.peer.as_ref();
+        let in_recovery = tick.in_recovery;
+        let obs = Observation {
+            now_ms: self.now,
+            in_recovery,
+            sync_configured: tick.sync_configured,
+            standby_streaming: tick.streaming,
+            heartbeat: tick.heartbeat.clone(),
+            restore_wanted: self.servers[n].saved_sync,
+            standby_caught_up: tick.caught_up,
+            wal_receiver_recent: tick.wal_receiver_recent,
+            peer_says_synchronous: facts
+                .filter(|f| in_recovery && !f.in_recovery)
+                .map(|f| matches!(f.sync_state_of_asker, Some("sync" | "quorum"))),
+            peer_newer_primary: facts
+                .is_some_and(|f| !in_recovery && !f.in_recovery && f.timeline > my_timeline),
+            lease: tick.lease,
+        };
+        self.decide(n, Input::Tick(obs));
+    }
+
+    fn decide(&mut self, n: usize, input: Input) {
+        let s = self.settings(n);
+        let d = self.worker(n).keeper.step(&input, &s);
+        let holding = Event::PeerLostButStreaming;
+        if d.event == holding && self.worker(n).last_event != Some(holding) {
+            self.worker(n).recheck_after = Some(200);
+        }
+        self.worker(n).last_event = Some(d.event);
+        if d.level > Level::Debug || d.changed_mode() {
+            self.say(|| format!("{}: {} -> {}: {}", NAMES[n], d.from, d.to, d.sentence));
+        }
+        for action in d.actions {
+            let before = self.worker(n).keeper.mode();
+            let result = self.perform(n, action);
+            self.say(|| {
+                format!(
+                    "{}: {:?} {}",
+                    NAMES[n],
+                    action,
+                    match &result {
+                        Ok(()) => "done".to_string(),
+                        Err(why) => format!("failed: {why}"),
+                    }
+                )
+            });
+            if self.inject_after(n, action) {
+                return;
+            }
+            if let Err(why) = result {
+                let d = self
+                    .worker(n)
+                    .keeper
+                    .step(&Input::ActionFailed(action, why), &s);
+                if d.to != before {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Crashes the server or restarts the worker right after this action, if asked to.
+    fn inject_after(&mut self, n: usize, action: Action) -> bool {
+        let Some(i) = self
+            .after_action
+            .iter()
+            .position(|(node, a, _)| *node == n && *a == action)
+        else {
+            return false;
+        };
+        let (_, _, what) = self.after_action.remove(i);
+        self.say(|| format!("{}: fault: {what:?} right after {action:?}", NAMES[n]));
+        match what {
+            crate::AfterAction::CrashServer => self.crash(n),
+            crate::AfterAction::RestartWorker => self.restart_worker(n),
+        }
+        true
+    }
+
+    fn perform(&mut self, n: usize, action: Action) -> Result<(), String> {
+        let reload_at = self.now + self.rng.below(self.c.max_reload_ms + 1);
+        let lease_ms = self.c.lease_ms();
+        let (me, timeline) = (NAMES[n], self.servers[n].timeline);
+        match action {
+            Action::DegradeToAsync => {
+                self.servers[n].degrade_to_async(reload_at);
+                Ok(())
+            }
+            Action::RestoreSync => {
+                if self.servers[n].restore_sync(reload_at) {
+                    Ok(())
+                } else {
+                    Err("no saved synchronous_standby_names to restore".into())
+                }
+            }
+            Action::Promote => {
+                if self.servers[n].in_recovery {
+                    self.servers[n].promote_at = Some(self.now + self.c.promote_ms);
+                }
+                Ok(())
+            }
+            Action::Fence => {
+                self.servers[n].standby_signal = true;
+                self.stop(n);
+                Ok(())
+            }
+            Action::ReleaseStandby if self.c.witness => {
+                match self.witness_call(n, |wt, now| wt.claim(me, timeline, None, lease_ms, now)) {
+                    Ok(Some(row)) if row.mine => Ok(()),
+                    Ok(Some(row)) => Err(format!("not the holder: {}", row.describe())),
+                    Ok(None) => Err("the witness holds no lease".into()),
+                    Err((why, after)) => {
+                        self.worker(n).busy_until = self.now + after;
+                        Err(why)
+                    }
+                }
+            }
+            Action::TakeLease if self.c.witness => {
+                match self.witness_call(n, |wt, now| wt.take(me, timeline, lease_ms, now)) {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => Err("the lease is not expired or does not name this node".into()),
+                    Err((why, after)) => {
+                        self.worker(n).busy_until = self.now + after;
+                        Err(why)
+                    }
+                }
+            }
+            Action::ReleaseStandby | Action::TakeLease | Action::RunAfterCommand(_) => Ok(()),
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // Faults.
+
+    /// `kill -9` of node n's postmaster.
+    pub fn crash(&mut self, n: usize) {
+        self.stop(n);
+        // A server that goes away closes the peer's kept heartbeat connection: the peer's keeper
+        // heartbeats at once (src/worker.rs, wait_for_next_tick).
+        let p = 1 - n;
+        if self.hb[p] == Link::Up {
+            if let Some(w) = self.workers[p].as_mut() {
+                if w.keeper.mode().heartbeats() {
+                    w.last_tick = None;
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self, n: usize) {
+        self.servers[n].crash();
+        self.workers[n] = None;
+    }
+
+    pub fn restart_worker(&mut self, n: usize) {
+        if self.workers[n].is_some() {
+            self.workers[n] = Some(Worker::new());
+        }
+    }
+
+    pub fn start(&mut self, n: usize) {
+        let startup = self.c.startup_ms;
+        self.servers[n].start(self.now, startup);
+    }
+}
