@@ -48,6 +48,8 @@ pub struct Standby {
     pub sync_state: String,
     /// Bytes of WAL the standby has yet to flush; `None` before it has reported.
     pub lag_bytes: Option<i64>,
+    /// The standby's flush position, as an LSN; `None` before it has reported.
+    pub flush_lsn: Option<u64>,
 }
 
 impl Standby {
@@ -65,7 +67,8 @@ pub fn streaming_standbys() -> Result<Vec<Standby>, String> {
             let rows = client
                 .select(
                     "SELECT application_name::text, sync_state::text, \
-                            pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), flush_lsn)::int8 \
+                            pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), flush_lsn)::int8, \
+                            pg_catalog.pg_wal_lsn_diff(flush_lsn, '0/0')::int8 \
                      FROM pg_catalog.pg_stat_replication WHERE state = 'streaming' \
                        AND application_name <> 'pg_basebackup' \
                      ORDER BY application_name",
@@ -80,6 +83,10 @@ pub fn streaming_standbys() -> Result<Vec<Standby>, String> {
                     application_name: text(1).map_err(|e| e.to_string())?,
                     sync_state: text(2).map_err(|e| e.to_string())?,
                     lag_bytes: row.get::<i64>(3).map_err(|e| e.to_string())?,
+                    flush_lsn: row
+                        .get::<i64>(4)
+                        .map_err(|e| e.to_string())?
+                        .map(|l| l as u64),
                 });
             }
             Ok(out)
@@ -104,6 +111,36 @@ pub fn wal_receiver_recent(window_ms: i64) -> Result<bool, String> {
             Ok(n.unwrap_or(0) > 0)
         })
     })
+}
+
+/// Whether commits wait for a synchronous standby now: the checkpointer has taken in a
+/// non-empty `synchronous_standby_names` (the setting in the file, or even in this process, may
+/// be ahead of it). Before the checkpointer first processed the setting, backends go by their
+/// own copy of it, and so does this (`own_setting`).
+pub fn sync_in_force(own_setting: bool) -> bool {
+    // PostgreSQL's flags for WalSndCtlData.sync_standbys_status (replication/walsender_private.h).
+    const SYNC_STANDBY_INIT: u8 = 1 << 0;
+    const SYNC_STANDBY_DEFINED: u8 = 1 << 1;
+    // SAFETY: WalSndCtl is set up in shared memory before any worker starts; one byte, read
+    // without the lock as SyncRepWaitForLSN does first.
+    let status = unsafe {
+        let ctl = pg_sys::WalSndCtl;
+        if ctl.is_null() {
+            return own_setting;
+        }
+        std::ptr::read_volatile(&raw const (*ctl).sync_standbys_status)
+    };
+    if status & SYNC_STANDBY_INIT == 0 {
+        own_setting
+    } else {
+        status & SYNC_STANDBY_DEFINED != 0
+    }
+}
+
+/// The WAL insert position, as an LSN.
+pub fn insert_lsn() -> u64 {
+    // SAFETY: reads shared memory under its own lock; primary only.
+    unsafe { pg_sys::GetXLogInsertRecPtr() }
 }
 
 /// The value of a server setting as `SHOW` gives it.

@@ -27,6 +27,12 @@ struct ReplicationSummary {
     streaming: bool,
     /// A streaming standby is within pg_keeper.sync_restore_lag.
     caught_up: bool,
+    /// Commits wait for the synchronous standby now (read first).
+    sync_in_force: bool,
+    /// The WAL insert position (read after `sync_in_force`, before the view).
+    insert_lsn: u64,
+    /// The peer standby's row, if it streams.
+    peer: Option<keeper_core::StandbySeen>,
 }
 
 /// A promotion request is made again after this while the server is still in recovery: the
@@ -403,7 +409,9 @@ impl Worker {
                 Some("Use a superuser or a member of pg_monitor in the node conninfos, and set application_name in primary_conninfo."),
             );
         }
-        let sync_standby_now = mode == Mode::MasterConnected && sync_configured && view.streaming;
+        let sync_standby_now =
+            self.keeper
+                .lease_names_standby(view.sync_in_force, view.insert_lsn, view.peer);
         let lease = self.observe_lease(mode, in_recovery, my_timeline, sync_standby_now);
         let obs = Observation {
             now_ms: self.started.elapsed().as_millis() as u64,
@@ -655,6 +663,10 @@ impl Worker {
     /// standby, a standby that synchronous_standby_names does not name) are warned about once
     /// per change.
     fn read_replication_view(&mut self, sync_configured: bool) -> ReplicationSummary {
+        // The order matters (see keeper_core::SyncTrust): in force, then insert position, then
+        // the standbys' flush positions.
+        let sync_in_force = db::sync_in_force(sync_configured);
+        let insert_lsn = db::insert_lsn();
         let standbys = match db::streaming_standbys() {
             Ok(s) => s,
             Err(why) => {
@@ -702,7 +714,26 @@ impl Worker {
         } else if self.last_note.take().is_some() {
             status::publish(|s| s.problem.set(""));
         }
+        let peer_name = self.identity.as_ref().map(|i| i.peer_name);
+        // The peer streams under its node name (README: application_name in primary_conninfo);
+        // a single standby under another name is taken for it.
+        let peer_row = standbys
+            .iter()
+            .find(|s| Some(s.application_name.as_str()) == peer_name)
+            .or(if standbys.len() == 1 {
+                standbys.first()
+            } else {
+                None
+            });
         ReplicationSummary {
+            sync_in_force,
+            insert_lsn,
+            peer: peer_row.and_then(|s| {
+                s.flush_lsn.map(|flush_lsn| keeper_core::StandbySeen {
+                    synchronous: sync_configured && s.is_synchronous(),
+                    flush_lsn,
+                })
+            }),
             streaming: standbys
                 .iter()
                 .any(|s| !sync_configured || s.is_synchronous()),

@@ -5,11 +5,11 @@
 mod common;
 
 use std::fs;
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{time_until, wait_until, Options, Pair, Single};
+use common::{time_until, wait_until, Node, Options, Pair, Single, BIN};
 
 const BUDGET: Duration = Duration::from_secs(3);
 const MARGIN: Duration = Duration::from_secs(12);
@@ -613,4 +613,113 @@ fn a_standby_that_synchronous_standby_names_does_not_name_is_reported() {
     pair.node1
         .sql("CREATE TABLE after_fix (id int); INSERT INTO after_fix VALUES (1)")
         .unwrap();
+}
+
+/// psql running `sql` on `node` in the background with no statement timeout (a statement timeout
+/// would cancel a commit waiting for its synchronous standby and report it committed).
+fn commit_in_background(node: &Node, sql: &str) -> Child {
+    Command::new(format!("{BIN}/psql"))
+        .args(["-X", "-Atq", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args([
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-p",
+            &node.port.to_string(),
+        ])
+        .args(["-c", sql])
+        .env("PGCONNECT_TIMEOUT", "3")
+        .env("PGOPTIONS", "-c statement_timeout=0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start psql")
+}
+
+#[test]
+fn a_standby_that_refuses_and_does_not_stream_counts_as_lost() {
+    // 2s x 3: a 6 s budget, so that the standby's restart (well under 2 s) shows the primary
+    // refusals rather than a dead standby.
+    let keepalive = Duration::from_secs(2);
+    let budget = keepalive * 3;
+    let pair = Pair::connected(
+        "refusing-standby",
+        Options {
+            keepalive_time: "2s",
+            keepalive_count: 3,
+            ..Options::default()
+        },
+    );
+    let (node1, node2) = (&pair.node1, &pair.node2);
+    node1.sql("CREATE TABLE t (id int)").unwrap();
+
+    // node2 comes back at once as a server that answers every connection with "not accepting
+    // connections ... Hot standby mode is disabled" (alive but refused, to the keeper) and that
+    // does not stream: its primary_conninfo names a port nothing listens on.
+    let nowhere = common::free_port();
+    node2.append_conf(&format!(
+        "hot_standby = off
+         primary_conninfo = 'host=127.0.0.1 port={nowhere} user=postgres application_name=node2'"
+    ));
+    let restarting = Instant::now();
+    node2.restart();
+    let downtime = restarting.elapsed();
+    let refusal = node2.sql("SELECT 1").unwrap_err();
+    assert!(
+        refusal.contains("not accepting connections") || refusal.contains("starting up"),
+        "node2 does not refuse: {refusal}"
+    );
+    let streaming = node1
+        .sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'node2'")
+        .unwrap();
+    eprintln!(
+        "[refusing-standby] node2 restarted in {} ms; it answers: {refusal:?}; walsenders for \
+         node2 on node1: {streaming}",
+        downtime.as_millis()
+    );
+
+    // A commit on node1 waits for a standby that does not stream: node1 must count node2 as
+    // lost and switch to async within the budget, which releases it.
+    let mut sessions = Sessions(vec![commit_in_background(
+        node1,
+        "INSERT INTO t VALUES (1)",
+    )]);
+    let started = Instant::now();
+    let limit = budget + Duration::from_secs(10);
+    let done = time_until(limit, || matches!(sessions.0[0].try_wait(), Ok(Some(_))));
+    let log = node1.keeper_log();
+    let refused = log
+        .iter()
+        .filter(|l| l.contains("is alive but refused the heartbeat"))
+        .count();
+    eprintln!(
+        "[refusing-standby] the commit {} {} ms after it was sent; node1 logged {refused} \
+         refused heartbeats; switched to async: {}",
+        if done.is_some() {
+            "returned"
+        } else {
+            "was still waiting"
+        },
+        started.elapsed().as_millis(),
+        log.iter()
+            .any(|l| l.contains("switching to asynchronous replication"))
+    );
+    assert!(
+        done.is_some(),
+        "the commit still waits {} ms after it was sent (budget {} ms): node1 did not count \
+         the refusing, not streaming standby as lost\n{}",
+        limit.as_millis(),
+        budget.as_millis(),
+        log.join("\n")
+    );
+    assert!(sessions.0[0].wait().unwrap().success(), "the commit failed");
+    node1.expect_log(
+        "switching to asynchronous replication",
+        Duration::from_secs(1),
+    );
+    assert_eq!(node1.sql("SHOW synchronous_standby_names").unwrap(), "");
+    assert_eq!(node1.sql("SELECT count(*) FROM t").unwrap(), "1");
+    drop(sessions);
 }

@@ -467,3 +467,170 @@ fn a_lagging_standby_is_not_named_by_the_lease_and_does_not_promote() {
     conclude("w-lagging", &pp, checker, "node1");
     assert_eq!(holder(&pp).as_deref(), Some("node1"));
 }
+
+/// The WAL position `node` has written up to (`pg_current_wal_insert_lsn()`), if it answers.
+fn insert_lsn(node: &Node) -> Option<String> {
+    node.sql("SELECT pg_current_wal_insert_lsn()").ok()
+}
+
+/// How far node2 is behind node1 as node1 sees it: `pg_current_wal_lsn() - flush_lsn` of
+/// node2's walsender (bytes), and its state.
+fn lag_on_primary(node1: &Node) -> Option<String> {
+    node1
+        .sql(
+            "SELECT state || ' ' || sync_state || ' lag ' || \
+             pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint || ' bytes' \
+             FROM pg_stat_replication WHERE application_name = 'node2'",
+        )
+        .ok()
+        .filter(|s| !s.is_empty())
+}
+
+/// The slow link's bandwidth in the catch-up test, bytes per second each way.
+const SLOW_LINK: u64 = 200_000;
+
+#[test]
+fn a_standby_back_over_a_slow_link_is_not_trusted_before_it_has_caught_up() {
+    let (pp, checker) = writing("w-slow-catchup");
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+
+    // Replication is cut: node1 releases node2 on the witness and goes on asynchronously.
+    pp.repl_to_node1.set_mode(Mode::Drop);
+    node1.expect_log("switching to asynchronous replication", BUDGET + MARGIN);
+    let async_since = Instant::now();
+    expect_writes(
+        &checker,
+        node1,
+        async_since,
+        "writes did not resume on node1",
+    );
+
+    // Several MB that only node1 has (below pg_keeper.sync_restore_lag = 16MB, so that
+    // synchronous replication is put back while node2 is still far behind), then a little more
+    // of the writer's acknowledged commits on top.
+    let before = insert_lsn(node1).expect("node1 answers");
+    node1
+        .sql(
+            "CREATE TABLE fill (id int, pad text); \
+             INSERT INTO fill SELECT g, repeat('x', 1000) FROM generate_series(1, 6000) g",
+        )
+        .expect("fill");
+    let written = node1
+        .sql(&format!(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '{before}')::bigint"
+        ))
+        .expect("node1 answers");
+    sleep(Duration::from_secs(1));
+    let acked_async = checker
+        .acks()
+        .iter()
+        .filter(|a| a.id.is_some() && a.start >= async_since)
+        .count();
+    eprintln!(
+        "[w-slow-catchup] node1 wrote {written} bytes of WAL while asynchronous; the writer had \
+         {acked_async} commits acknowledged since the switch"
+    );
+
+    // node2 comes back over a slow link: it streams again, far behind.
+    pp.repl_to_node1.set_rate(Some(SLOW_LINK));
+    pp.repl_to_node1.set_mode(Mode::Pass);
+    let back = Instant::now();
+    // The walsender is back to "streaming" (and node1 restores sync) once what it has not sent
+    // yet fits in the socket buffers on the way, measured at about 4 MB on loopback.
+    let restored = time_until(Duration::from_secs(45), || {
+        node1
+            .log_text()
+            .contains("restored synchronous replication")
+    });
+    let lag_at_restore = lag_on_primary(node1);
+    eprintln!(
+        "[w-slow-catchup] synchronous replication restored {:?} ms after the link came back \
+         ({} kB/s); node2 as node1 sees it then: {lag_at_restore:?}",
+        restored.map(|d| d.as_millis()),
+        SLOW_LINK / 1000
+    );
+    assert!(
+        restored.is_some(),
+        "node1 did not restore synchronous replication within 45 s of the link coming back \
+         (over a {} kB/s link): {:?}\n{}",
+        SLOW_LINK / 1000,
+        lag_on_primary(node1),
+        node1.keeper_log().join("\n")
+    );
+    // The lease names node2 (the hole) or, fixed, it does not while node2 is behind.
+    let named = time_until(Duration::from_secs(10), || {
+        pp.lease().and_then(|l| l.2).as_deref() == Some("node2")
+    });
+    let lag_at_crash = lag_on_primary(node1);
+    let lsn_at_crash = insert_lsn(node1).unwrap_or_default();
+    let lease_at_crash = pp.lease();
+
+    // The primary's host dies: the backlog still in flight never arrives.
+    pp.repl_to_node1.set_mode(Mode::Drop);
+    node1.kill9();
+    let crashed = Instant::now();
+    let received = node2
+        .sql(&format!(
+            "SELECT pg_last_wal_receive_lsn() || ' (' || \
+             pg_wal_lsn_diff('{lsn_at_crash}', pg_last_wal_receive_lsn())::bigint || ' bytes behind)'"
+        ))
+        .unwrap_or_else(|e| e);
+    eprintln!(
+        "[w-slow-catchup] lease named node2 {:?} ms after the restore; at the crash ({} ms after \
+         the link came back): node2 as node1 saw it: {lag_at_crash:?}; node1 insert LSN \
+         {lsn_at_crash}; node2 received up to {received}; lease {lease_at_crash:?}",
+        named.map(|d| d.as_millis()),
+        (crashed - back).as_millis()
+    );
+
+    // Either node2 promotes (then it must have every acknowledged commit), or it says why not:
+    // the lease does not name it (or it was not synchronous at the primary's last answer).
+    let refused = |log: &str| {
+        log.contains("does not name this standby")
+            || log.contains("was not its synchronous standby at the last answer")
+    };
+    let settled = wait_until(BUDGET + LEASE + MARGIN, || {
+        node2.in_recovery() == Some(false) || refused(&node2.log_text())
+    });
+    let promoted = node2.in_recovery() == Some(false);
+    eprintln!(
+        "[w-slow-catchup] {} ms after the crash: node2 {} (settled: {settled})",
+        crashed.elapsed().as_millis(),
+        if promoted {
+            "promoted"
+        } else {
+            "did not promote"
+        }
+    );
+    if promoted {
+        node2.expect_log("took the lease on the witness", Duration::from_secs(5));
+        expect_writes(&checker, node2, crashed, "the writer did not move to node2");
+        conclude("w-slow-catchup", &pp, checker, "node2");
+        return;
+    }
+
+    // Not trusted: node2 waits well past the lease, and says it is not named.
+    assert!(settled, "node2 neither promoted nor said why not");
+    sleep(LEASE + Duration::from_secs(3));
+    assert_eq!(node2.in_recovery(), Some(true), "a standby behind promoted");
+    let waited = node2.keeper_log().join("\n");
+    assert!(
+        waited.contains("not promoting") && refused(&waited),
+        "{waited}"
+    );
+
+    // The old primary comes back with its links healed: primary again, nothing lost.
+    pp.repl_to_node1.set_rate(None);
+    pp.repl_to_node1.set_mode(Mode::Pass);
+    node1.start();
+    let restarted = Instant::now();
+    node1.expect_title("master mode", Duration::from_secs(20));
+    expect_writes(
+        &checker,
+        node1,
+        restarted,
+        "writes did not resume on the restarted node1",
+    );
+    conclude("w-slow-catchup", &pp, checker, "node1");
+    assert_eq!(holder(&pp).as_deref(), Some("node1"));
+}

@@ -10,7 +10,9 @@
 use std::fmt;
 
 mod lease;
+mod trust;
 pub use lease::{lease_time_ms, LeaseRow};
+pub use trust::{StandbySeen, SyncTrust};
 
 /// What the keeper is doing. The process title, the log and the status all show this one value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -500,6 +502,8 @@ pub struct Keeper {
     paused: bool,
     /// At the last answer of the primary, this standby was its synchronous standby.
     was_synchronous: bool,
+    /// (Primary.) Whether the standby counts as synchronous (see [`SyncTrust`]).
+    trust: SyncTrust,
 }
 
 impl Default for Keeper {
@@ -517,6 +521,7 @@ impl Keeper {
             last_said: None,
             paused: false,
             was_synchronous: false,
+            trust: SyncTrust::default(),
         }
     }
 
@@ -545,6 +550,25 @@ impl Keeper {
     /// Starts or ends a maintenance pause.
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
+    }
+
+    /// (Primary.) Follows the standby from the replication view, once per tick before the lease
+    /// is renewed, and says whether the lease may name it as the synchronous standby: only in
+    /// master mode with a connected standby that [`SyncTrust`] confirms, that is, whose flush
+    /// position has passed every commit acknowledged without it.
+    pub fn lease_names_standby(
+        &mut self,
+        sync_in_force: bool,
+        insert_lsn: u64,
+        standby: Option<StandbySeen>,
+    ) -> bool {
+        let confirmed = self.trust.follow(sync_in_force, insert_lsn, standby);
+        self.mode == MasterConnected && confirmed
+    }
+
+    /// (Primary.) How the standby stands with [`SyncTrust`], for the status.
+    pub fn trust(&self) -> SyncTrust {
+        self.trust
     }
 
     /// Consecutive failed heartbeats so far.
@@ -614,6 +638,11 @@ impl Keeper {
                         return (E::StandbyCaughtUp, String::new());
                     }
                     Some(Heartbeat::Answered) => return (E::HeartbeatOk, String::new()),
+                    // Alive, but a standby that refuses (starting up, replaying) and does not
+                    // stream confirms no commit either: counted, or commits hang all along.
+                    Some(Heartbeat::Refused(why)) if not_streaming => format!(
+                        "the standby refuses connections and its replication is not streaming: {why}"
+                    ),
                     Some(Heartbeat::Refused(why)) => return (E::HeartbeatRefused, why.clone()),
                 };
                 if self.mode == StandbyWaiting {

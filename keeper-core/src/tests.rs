@@ -437,6 +437,7 @@ fn every_row_is_reachable_from_some_input() {
                         last_said: None,
                         paused: false,
                         was_synchronous,
+                        trust: SyncTrust::default(),
                     };
                     let d = k.step(input, &s);
                     fired.insert((d.from, d.event));
@@ -1003,5 +1004,68 @@ fn with_a_witness_no_decision_degrades_or_promotes_without_the_lease() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn a_standby_that_refuses_and_does_not_stream_counts_as_failing() {
+    let (mut k, s) = master_connected(2);
+    let refused = || {
+        Some(Heartbeat::Refused(
+            "FATAL: the database system is starting up".into(),
+        ))
+    };
+    let mut t = tick(1000, false, refused());
+    if let Input::Tick(o) = &mut t {
+        o.standby_streaming = false;
+    }
+    assert_eq!(k.step(&t, &s).event, E::HeartbeatFailed);
+    let d = k.step(&t, &s);
+    assert_eq!((d.event, d.to), (E::PeerLostSync, MasterAsync));
+    assert!(d
+        .sentence
+        .contains("refuses connections and its replication is not streaming"));
+    // Refusing while it streams is alive, as before.
+    let (mut k, s) = master_connected(1);
+    assert_eq!(
+        k.step(&tick(1000, false, refused()), &s).event,
+        E::HeartbeatRefused
+    );
+}
+
+fn seen(synchronous: bool, flush_lsn: u64) -> Option<StandbySeen> {
+    Some(StandbySeen {
+        synchronous,
+        flush_lsn,
+    })
+}
+
+#[test]
+fn a_standby_is_trusted_only_once_it_has_flushed_what_was_acknowledged_without_it() {
+    let (mut k, _) = master_connected(1);
+    // Synchronous in the view but not yet in force: not trusted, and nothing remembered.
+    assert!(!k.lease_names_standby(false, 100, seen(true, 100)));
+    assert_eq!(k.trust(), SyncTrust::Untrusted);
+    // In force at insert position 500: trusted once the flush reaches 500.
+    assert!(!k.lease_names_standby(true, 500, seen(true, 300)));
+    assert_eq!(k.trust(), SyncTrust::CatchingUp { until_lsn: 500 });
+    // The target does not move with later inserts (they wait for the standby).
+    assert!(!k.lease_names_standby(true, 900, seen(true, 499)));
+    assert!(k.lease_names_standby(true, 950, seen(true, 500)));
+    assert!(k.lease_names_standby(true, 990, seen(true, 600)));
+    // Any look that is not synchronous and in force starts it over.
+    assert!(!k.lease_names_standby(true, 1000, seen(false, 1000)));
+    assert!(!k.lease_names_standby(true, 1100, seen(true, 1000)));
+    assert!(!k.lease_names_standby(true, 1100, None));
+    assert_eq!(k.trust(), SyncTrust::Untrusted);
+}
+
+#[test]
+fn only_a_connected_primary_names_its_standby_in_the_lease() {
+    for mode in Mode::ALL {
+        let mut k = Keeper::new();
+        k.mode = mode;
+        let named = k.lease_names_standby(true, 10, seen(true, 10));
+        assert_eq!(named, mode == MasterConnected, "{mode:?}");
     }
 }

@@ -62,6 +62,9 @@ pub enum Fault {
     Crash(usize),
     /// Start a stopped server again.
     Start(usize),
+    /// Start a stopped server again, with a long recovery: it refuses connections for
+    /// [`LONG_STARTUP_MS`] and does not stream meanwhile.
+    StartSlowly(usize),
     Freeze(usize),
     Thaw(usize),
     /// The keeper worker alone is restarted (`pg_terminate_backend`, a crash of the worker).
@@ -85,6 +88,7 @@ impl fmt::Display for Fault {
         match self {
             Fault::Crash(n) => write!(f, "kill -9 {}", NAMES[*n]),
             Fault::Start(n) => write!(f, "start {}", NAMES[*n]),
+            Fault::StartSlowly(n) => write!(f, "start {} with a long recovery", NAMES[*n]),
             Fault::Freeze(n) => write!(f, "freeze {}", NAMES[*n]),
             Fault::Thaw(n) => write!(f, "thaw {}", NAMES[*n]),
             Fault::RestartWorker(n) => write!(f, "restart the keeper worker of {}", NAMES[*n]),
@@ -144,6 +148,9 @@ impl FaultSet {
     };
 }
 
+/// How long a server started by [`Fault::StartSlowly`] replays before it accepts connections.
+pub const LONG_STARTUP_MS: Ms = 15_000;
+
 /// What a run found wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
@@ -155,7 +162,8 @@ pub struct Violation {
 pub struct Outcome {
     pub violation: Option<Violation>,
     pub trace: Vec<String>,
-    pub acks: usize,
+    /// Every acknowledged commit, times counted from the start of the faults.
+    pub acks: Vec<world::Ack>,
 }
 
 /// How long after the heal exactly one primary must stand.
@@ -172,7 +180,7 @@ pub fn run(c: &Config, s: &Schedule, trace: bool) -> Outcome {
     }
     let start = w.now;
     w.epoch = start;
-    let end = start + s.heal_at + settle_ms(c);
+    let mut end = start + s.heal_at + settle_ms(c);
     let mut faults = s.faults.clone();
     faults.sort_by_key(|(t, _)| *t);
     let mut next = 0;
@@ -194,6 +202,16 @@ pub fn run(c: &Config, s: &Schedule, trace: bool) -> Outcome {
             heal(&mut w);
         }
         w.step();
+        // A server still recovering at the heal has healed once it runs.
+        if healed {
+            let started = w
+                .servers
+                .iter()
+                .map(|s| s.starting_until)
+                .max()
+                .unwrap_or(0);
+            end = end.max(started + settle_ms(c));
+        }
         // (b) nothing acknowledged on a timeline older than one already acknowledged on.
         for a in &w.acks[checked_acks..] {
             if a.timeline < max_acked_tl {
@@ -243,7 +261,20 @@ pub fn run(c: &Config, s: &Schedule, trace: bool) -> Outcome {
             .filter(|&n| w.servers[n].writable(w.now))
             .map(|n| NAMES[n])
             .collect();
-        if primaries.len() != 1 {
+        let window = c.keepalive_ms * c.keepalive_count as u64 + 2000;
+        let last_ack = w.acks.last().map_or(0, |a| a.at);
+        if primaries.len() == 1 && last_ack + window < w.now {
+            violation = Some(Violation {
+                at: w.now,
+                what: format!(
+                    "(c) {} s after every fault healed {} is the primary but has acknowledged nothing for {} ms (mode: {})",
+                    settle_ms(c) / 1000,
+                    primaries[0],
+                    w.now - last_ack,
+                    mode_of(&w, if primaries[0] == NAMES[0] { 0 } else { 1 })
+                ),
+            });
+        } else if primaries.len() != 1 {
             violation = Some(Violation {
                 at: w.now,
                 what: format!(
@@ -264,7 +295,14 @@ pub fn run(c: &Config, s: &Schedule, trace: bool) -> Outcome {
     Outcome {
         violation,
         trace: w.trace.take().unwrap_or_default(),
-        acks: w.acks.len(),
+        acks: w
+            .acks
+            .iter()
+            .map(|a| world::Ack {
+                at: a.at.saturating_sub(start),
+                ..a.clone()
+            })
+            .collect(),
     }
 }
 
@@ -287,6 +325,10 @@ fn apply(w: &mut World, f: Fault) {
     match f {
         Fault::Crash(n) => w.crash(n),
         Fault::Start(n) => w.start(n),
+        Fault::StartSlowly(n) => {
+            w.start(n);
+            w.servers[n].starting_until = w.now + LONG_STARTUP_MS;
+        }
         Fault::Freeze(n) => w.servers[n].frozen = w.servers[n].up,
         Fault::Thaw(n) => w.servers[n].frozen = false,
         Fault::RestartWorker(n) => w.restart_worker(n),
@@ -330,6 +372,7 @@ pub fn random_schedule(seed: u64, set: FaultSet, c: &Config) -> Schedule {
         let mut kinds: Vec<(Fault, Option<Fault>)> = Vec::new();
         if set.crashes {
             kinds.push((Fault::Crash(n), Some(Fault::Start(n))));
+            kinds.push((Fault::Crash(n), Some(Fault::StartSlowly(n))));
             kinds.push((Fault::Crash(n), None));
         }
         if set.freezes {
@@ -415,7 +458,7 @@ pub fn search(c: &Config, set: FaultSet, from: u64, count: u64) -> Result<u64, S
     for seed in from..from + count {
         let s = random_schedule(seed, set, c);
         let out = run(c, &s, false);
-        acks += out.acks as u64;
+        acks += out.acks.len() as u64;
         if out.violation.is_some() {
             return Err(report(c, &s));
         }

@@ -6,7 +6,7 @@
 
 use keeper_core::{
     lease_time_ms, Action, Event, Heartbeat, Input, Keeper, Lease, LeaseRow, Level, Mode,
-    Observation, Settings,
+    Observation, Settings, StandbySeen,
 };
 
 use crate::model::{Link, Ms, Sender, Server, Witness};
@@ -86,6 +86,9 @@ struct Partial {
     sync_configured: bool,
     streaming: bool,
     caught_up: bool,
+    sync_in_force: bool,
+    insert_lsn: u64,
+    standby: Option<StandbySeen>,
     heartbeat: Option<Heartbeat>,
     peer: Option<PeerFacts>,
     wal_receiver_recent: bool,
@@ -411,6 +414,18 @@ impl World {
             ),
             _ => (false, false),
         };
+        // In force first, then the insert position, then the standby's flush (src/worker.rs).
+        let primary_view = mode.is_master() && !in_recovery;
+        let sync_in_force = primary_view && srv.sync_in_force;
+        let insert_lsn = srv.insert_lsn() as u64;
+        let standby = srv
+            .sender
+            .as_ref()
+            .filter(|_| primary_view)
+            .map(|snd| StandbySeen {
+                synchronous: sync_configured,
+                flush_lsn: snd.flush as u64,
+            });
         let (heartbeat, peer, delay) = if mode.heartbeats() {
             self.heartbeat(n)
         } else {
@@ -422,6 +437,9 @@ impl World {
             sync_configured,
             streaming,
             caught_up,
+            sync_in_force,
+            insert_lsn,
+            standby,
             heartbeat,
             peer,
             wal_receiver_recent: false,
@@ -485,8 +503,11 @@ impl World {
         let primary = tick.mode.is_master() && !tick.in_recovery;
         let standby = matches!(tick.mode, Mode::StandbyWaiting | Mode::StandbyConnected);
         let mut delay = 0;
-        let sync_standby_now =
-            tick.mode == Mode::MasterConnected && tick.sync_configured && tick.streaming;
+        let sync_standby_now = self.worker(n).keeper.lease_names_standby(
+            tick.sync_in_force,
+            tick.insert_lsn,
+            tick.standby,
+        );
         if self.c.witness && (primary || standby) {
             let timeline = self.servers[n].timeline;
             let lease_ms = self.c.lease_ms();

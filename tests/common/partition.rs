@@ -17,7 +17,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{sleep, JoinHandle};
 use std::time::{Duration, Instant};
@@ -71,6 +71,8 @@ struct Shared {
     open: AtomicUsize,
     /// Connections accepted in all.
     accepted: AtomicUsize,
+    /// Bandwidth limit in bytes per second for each direction of each connection; 0: none.
+    rate: AtomicU64,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -115,6 +117,7 @@ impl Proxy {
             stop: AtomicBool::new(false),
             open: AtomicUsize::new(0),
             accepted: AtomicUsize::new(0),
+            rate: AtomicU64::new(0),
             threads: Mutex::new(Vec::new()),
         });
         let s = shared.clone();
@@ -137,6 +140,20 @@ impl Proxy {
 
     pub fn mode(&self) -> Mode {
         Mode::of(self.shared.mode.load(Ordering::SeqCst))
+    }
+
+    /// Limits each direction of every connection (the open ones too) to `bytes_per_second`
+    /// (a slow link); `None` lifts the limit. The modes work as before: `Drop` still closes at
+    /// once, `Blackhole` still holds what was read. `Some(0)` is taken as `None`.
+    pub fn set_rate(&self, bytes_per_second: Option<u64>) {
+        self.shared
+            .rate
+            .store(bytes_per_second.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// The bandwidth limit in force (bytes per second per direction), if any.
+    pub fn rate(&self) -> Option<u64> {
+        Some(self.shared.rate.load(Ordering::SeqCst)).filter(|&r| r > 0)
     }
 
     /// Connections open through the proxy now.
@@ -257,11 +274,41 @@ fn timed_out(e: &std::io::Error) -> bool {
     )
 }
 
-/// Copies `from` to `to` while the mode allows; closes both sockets on `Drop`, stop or error.
+/// Largest read while a rate limit is in force, so that the pacing is smooth.
+const LIMITED_CHUNK: usize = 8 * 1024;
+
+/// Waits, while a rate limit is in force, until the `n` bytes just read may be passed on:
+/// `due` is when the link is free again (no credit is saved up while it idles). Returns false
+/// if the mode turned to `Drop` meanwhile. Lifting the limit ends the wait at once.
+fn pace(shared: &Shared, due: &mut Instant, n: usize) -> bool {
+    let rate = shared.rate.load(Ordering::SeqCst);
+    if rate == 0 {
+        return true;
+    }
+    let now = Instant::now();
+    if *due < now {
+        *due = now;
+    }
+    *due += Duration::from_secs_f64(n as f64 / rate as f64);
+    loop {
+        if shared.mode() == Mode::Drop {
+            return false;
+        }
+        let now = Instant::now();
+        if now >= *due || shared.rate.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        sleep((*due - now).min(POLL));
+    }
+}
+
+/// Copies `from` to `to` while the mode allows, at most at the rate limit if one is set;
+/// closes both sockets on `Drop`, stop or error.
 fn pump(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>) {
     let _ = from.set_read_timeout(Some(IO_TIMEOUT));
     let _ = to.set_write_timeout(Some(IO_TIMEOUT));
     let mut buf = vec![0u8; 32 * 1024];
+    let mut due = Instant::now();
     loop {
         match shared.mode() {
             Mode::Drop => return close_both(&from, &to),
@@ -271,7 +318,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>) {
             }
             Mode::Pass => {}
         }
-        let n = match from.read(&mut buf) {
+        let limited = shared.rate.load(Ordering::SeqCst) > 0;
+        let room = if limited { LIMITED_CHUNK } else { buf.len() };
+        let n = match from.read(&mut buf[..room]) {
             Ok(0) => {
                 // End of stream one way: pass it on; the other direction goes on until its own.
                 let _ = to.shutdown(Shutdown::Write);
@@ -281,6 +330,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>) {
             Err(e) if timed_out(&e) => continue,
             Err(_) => return close_both(&from, &to),
         };
+        if !pace(&shared, &mut due, n) {
+            return close_both(&from, &to);
+        }
         let mut pending = &buf[..n];
         while !pending.is_empty() {
             match shared.mode() {
