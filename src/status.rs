@@ -76,6 +76,9 @@ pub struct Shared {
     pub events: [EventRecord; HISTORY],
     /// Events recorded so far (the next slot is `total % HISTORY`).
     pub total: u64,
+    /// What the decision core needs to go on after a restart of the worker (not of the server):
+    /// written after every decision and every action.
+    pub memory: Option<keeper_core::Memory>,
 }
 
 impl Default for Shared {
@@ -99,6 +102,7 @@ impl Default for Shared {
             pause_until: 0,
             events: [EventRecord::default(); HISTORY],
             total: 0,
+            memory: None,
         }
     }
 }
@@ -153,6 +157,11 @@ pub fn publish(update: impl FnOnce(&mut Shared)) {
 pub fn pause_state() -> (bool, i64) {
     let s = STATUS.share();
     (s.paused, s.pause_until)
+}
+
+/// The keeper's memory left by an earlier worker of this server, if any.
+pub fn memory() -> Option<keeper_core::Memory> {
+    STATUS.share().memory
 }
 
 /// A copy of the status for reading without holding the lock.

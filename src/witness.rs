@@ -27,12 +27,17 @@ const CREATE_SQL: &CStr = c"CREATE TABLE IF NOT EXISTS pg_keeper_lease (
     timeline int NOT NULL,
     sync_standby text,
     expires_at timestamptz NOT NULL,
-    renewed_at timestamptz NOT NULL)";
+    renewed_at timestamptz NOT NULL,
+    promoting boolean NOT NULL DEFAULT false)";
+
+/// A table made by an earlier version lacks `promoting`.
+const UPGRADE_SQL: &CStr =
+    c"ALTER TABLE pg_keeper_lease ADD COLUMN IF NOT EXISTS promoting boolean NOT NULL DEFAULT false";
 
 /// The columns every statement returns, in this order.
 const COLUMNS: &str = "holder, epoch, timeline, sync_standby, \
     (expires_at < clock_timestamp()) AS expired, \
-    (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 AS ms_left";
+    (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 AS ms_left, promoting";
 
 /// The primary's renewal. $1 this node, $2 its timeline, $3 its synchronous standby or NULL,
 /// $4 the lease in milliseconds. It renews a lease it holds (unless a newer incarnation of the
@@ -49,7 +54,7 @@ fn claim_sql() -> CString {
                 epoch = CASE WHEN l.holder = EXCLUDED.holder THEN l.epoch ELSE l.epoch + 1 END,
                 holder = EXCLUDED.holder, timeline = EXCLUDED.timeline,
                 sync_standby = EXCLUDED.sync_standby, expires_at = EXCLUDED.expires_at,
-                renewed_at = EXCLUDED.renewed_at
+                renewed_at = EXCLUDED.renewed_at, promoting = false
             WHERE (l.holder = EXCLUDED.holder AND l.timeline <= EXCLUDED.timeline)
                OR (l.holder <> EXCLUDED.holder AND l.timeline < EXCLUDED.timeline
                    AND l.expires_at < clock_timestamp())
@@ -74,7 +79,7 @@ fn take_sql() -> CString {
     CString::new(format!(
         "UPDATE pg_keeper_lease SET
             epoch = CASE WHEN holder = $1 THEN epoch ELSE epoch + 1 END,
-            holder = $1, timeline = $2::int, sync_standby = NULL,
+            holder = $1, timeline = $2::int, sync_standby = NULL, promoting = true,
             expires_at = clock_timestamp() + $3::int * interval '1 millisecond',
             renewed_at = clock_timestamp()
          WHERE id = 1
@@ -89,7 +94,7 @@ fn parse_row(row: &[Option<String>]) -> Result<LeaseRow, String> {
     let text = |i: usize| row.get(i).cloned().flatten();
     let num = |i: usize| text(i).and_then(|v| v.parse::<i64>().ok());
     match (text(0), num(1), num(2), num(5)) {
-        (Some(holder), Some(epoch), Some(timeline), Some(ms_left)) if row.len() == 7 => {
+        (Some(holder), Some(epoch), Some(timeline), Some(ms_left)) if row.len() == 8 => {
             Ok(LeaseRow {
                 holder,
                 epoch,
@@ -97,7 +102,8 @@ fn parse_row(row: &[Option<String>]) -> Result<LeaseRow, String> {
                 sync_standby: text(3),
                 expired: text(4).as_deref() == Some("t"),
                 ms_left,
-                mine: text(6).as_deref() == Some("t"),
+                promoting: text(6).as_deref() == Some("t"),
+                mine: text(7).as_deref() == Some("t"),
             })
         }
         _ => Err("the witness's answer could not be read".into()),
@@ -140,7 +146,14 @@ impl Witness {
         deadline: Instant,
     ) -> Result<Option<LeaseRow>, String> {
         if !self.table_ready {
-            match self.node.run(CREATE_SQL, &[], deadline) {
+            let made = self
+                .node
+                .run(CREATE_SQL, &[], deadline)
+                .and_then(|r| match r {
+                    Reply::Rows(_) => self.node.run(UPGRADE_SQL, &[], deadline),
+                    error => Ok(error),
+                });
+            match made {
                 Ok(Reply::Rows(_)) => self.table_ready = true,
                 Ok(Reply::Error(msg)) => {
                     return Err(format!("could not create table pg_keeper_lease: {msg}"))

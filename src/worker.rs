@@ -328,6 +328,7 @@ impl Worker {
             self.identity = None;
             self.peer = None;
             self.keeper = Keeper::new();
+            status::publish(|s| s.memory = None);
             self.last_tick = None;
             self.set_title();
         }
@@ -630,7 +631,25 @@ impl Worker {
                 self.identity = Some(id);
                 self.peer = Some(peer);
                 self.identity_hint = None;
-                self.decide(Input::Identified { in_recovery });
+                match status::memory().filter(|m| m.mode != Mode::Unidentified) {
+                    // A restarted worker (not server) goes on where the last one stopped.
+                    Some(m) => {
+                        self.keeper = Keeper::resume(&m);
+                        let pending = m.pending.iter().flatten().count();
+                        self.event(
+                            "resumed_after_restart",
+                            Level::Log,
+                            &format!(
+                                "the keeper worker was restarted; going on in {} with {pending} action(s) of the last decision still to perform",
+                                m.mode
+                            ),
+                            None,
+                        );
+                        self.set_title();
+                        self.perform();
+                    }
+                    None => self.decide(Input::Identified { in_recovery }),
+                }
             }
             identity::Outcome::Problem { message, hint } => {
                 let shown = self.scrub(&message);
@@ -813,13 +832,19 @@ impl Worker {
         self.last_event = Some(d.event);
         self.report(&d);
         self.set_title();
-        self.perform(&d.actions);
+        self.perform();
     }
 
-    /// Performs the actions in order. A failed action is told to the core, whose answer says
-    /// whether to go on with the rest.
-    fn perform(&mut self, actions: &[Action]) {
-        for &action in actions {
+    /// Performs the core's actions in order, keeping the core's memory in shared memory before
+    /// each one, so that a restarted worker redoes the one under way and goes on with the rest.
+    /// A failed action is told to the core, whose answer says whether to go on with the rest.
+    fn perform(&mut self) {
+        loop {
+            let memory = self.keeper.memory();
+            status::publish(|s| s.memory = Some(memory));
+            let Some(action) = self.keeper.next_action() else {
+                return;
+            };
             let result = match action {
                 Action::DegradeToAsync => self.degrade_to_async(),
                 Action::Promote => actuators::promote().map(|()| {
@@ -843,15 +868,14 @@ impl Worker {
                 Action::TakeLease => self.take_lease(),
                 Action::RunAfterCommand(event) => self.run_after_command(event),
             };
-            if let Err(why) = result {
-                let before = self.keeper.mode();
-                let d = self
-                    .keeper
-                    .step(&Input::ActionFailed(action, why), &self.core_settings());
-                self.report(&d);
-                self.set_title();
-                if d.to != before {
-                    break;
+            match result {
+                Ok(()) => self.keeper.action_done(action),
+                Err(why) => {
+                    let d = self
+                        .keeper
+                        .step(&Input::ActionFailed(action, why), &self.core_settings());
+                    self.report(&d);
+                    self.set_title();
                 }
             }
         }

@@ -17,6 +17,9 @@ pub struct LeaseRow {
     pub ms_left: i64,
     /// The statement renewed or took the lease for this node.
     pub mine: bool,
+    /// The holder took the lease as a standby, to promote, and has not renewed it as a primary
+    /// since.
+    pub promoting: bool,
 }
 
 impl LeaseRow {
@@ -43,6 +46,9 @@ impl LeaseRow {
         } else {
             self.holder == me
         };
+        if held && !primary && self.promoting {
+            return Lease::Taken;
+        }
         if held {
             return Lease::Held;
         }

@@ -178,6 +178,9 @@ pub enum Lease {
     Missing,
     /// This node holds the lease. On a primary: renewed (or taken) this tick, so valid now.
     Held,
+    /// (Standby.) This standby took the lease to promote, and has not promoted yet: a worker or
+    /// a server restart came in between. The decision stands: it goes on with the promotion.
+    Taken,
     /// The other node holds the lease.
     Peer {
         /// The holder recorded a timeline at least this node's: a primary that sees this was
@@ -280,6 +283,8 @@ pub enum Event {
     RestoreFailed,
     /// The primary has not answered yet since this standby started; failover is not armed.
     PeerNotYetSeen,
+    /// This standby took the lease to promote before a restart: it goes on with the promotion.
+    PromotionUnfinished,
     RecoveryEnded,
     PromotionSlow,
     DegradeFailed,
@@ -333,7 +338,9 @@ const ASYNC: &[Action] = &[
 /// before the request would wake the startup process too early, and it could then sleep out
 /// wal_retrieve_retry_interval before it sees the request.
 const PROMOTE: &[Action] = &[TakeLease, Promote, DegradeToAsync];
-const AFTER_PROMOTE: &[Action] = &[RunAfterCommand(AfterEvent::Promote)];
+/// The switch to async again: it is idempotent, and a worker restarted between the promotion
+/// request and the switch would otherwise leave the new primary waiting for the old one.
+const AFTER_PROMOTE: &[Action] = &[DegradeToAsync, RunAfterCommand(AfterEvent::Promote)];
 const RESTORE: &[Action] = &[RestoreSync, RunAfterCommand(AfterEvent::SyncRestored)];
 const FENCE: &[Action] = &[Fence];
 const NONE: &[Action] = &[];
@@ -368,6 +375,8 @@ pub const TRANSITIONS: &[Transition] = &[
     row(StandbyConnected, E::HeartbeatRefused, StandbyConnected, NONE, Warn, "primary {peer} is alive but refused the heartbeat; not counted as a failure"),
     row(StandbyConnected, E::HeartbeatFailed, StandbyConnected, NONE, Log, "heartbeat to primary {peer} failed"),
     row(StandbyConnected, E::PeerLost, Promoting, PROMOTE, Log, "primary {peer} lost; promoting this standby"),
+    row(StandbyWaiting, E::PromotionUnfinished, Promoting, PROMOTE, Log, "this standby took the lease on the witness to promote before a restart; going on with the promotion"),
+    row(StandbyConnected, E::PromotionUnfinished, Promoting, PROMOTE, Log, "this standby took the lease on the witness to promote before a restart; going on with the promotion"),
     row(StandbyConnected, E::PeerLostButStreaming, StandbyConnected, NONE, Log, "not promoting: primary {peer} does not answer heartbeats but this standby's WAL receiver still receives from it"),
     row(StandbyConnected, E::PeerLostLeaseWithheld, StandbyConnected, NONE, Warn, "not promoting: primary {peer} is lost but the lease on the witness cannot be taken"),
     row(StandbyConnected, E::PeerLostNotSynchronous, StandbyConnected, NONE, Warn, "not promoting: primary {peer} is lost but this standby was not its synchronous standby at the last answer, so acknowledged commits could be lost (pg_keeper.allow_data_loss_failover = on promotes anyway)"),
@@ -468,6 +477,7 @@ impl Decision {
             E::PeerLostSync | E::PeerLostAsync => "standby_lost",
             E::PeerLost => "primary_lost",
             E::PeerNotYetSeen => "primary_not_seen",
+            E::PromotionUnfinished => "promotion_resumed",
             E::StandbyCaughtUp => "standby_caught_up",
             E::RecoveryEnded if self.from == Promoting => "promoted",
             E::RecoveryEnded => "promoted_outside",
@@ -504,7 +514,24 @@ pub struct Keeper {
     was_synchronous: bool,
     /// (Primary.) Whether the standby counts as synchronous (see [`SyncTrust`]).
     trust: SyncTrust,
+    /// The actions of the last decision not yet performed, in order (see [`Keeper::next_action`]).
+    pending: Vec<Action>,
 }
+
+/// What a restarted worker needs to go on where the last one stopped: the worker keeps it in
+/// shared memory, which lasts as long as the server runs. The log's once-per-reason memory and
+/// the promotion request time are not kept (a resumed promotion is asked for again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Memory {
+    pub mode: Mode,
+    pub failures: u32,
+    pub was_synchronous: bool,
+    pub trust: SyncTrust,
+    pub pending: [Option<Action>; MAX_ACTIONS],
+}
+
+/// The most actions a decision has.
+pub const MAX_ACTIONS: usize = 4;
 
 impl Default for Keeper {
     fn default() -> Self {
@@ -522,6 +549,7 @@ impl Keeper {
             paused: false,
             was_synchronous: false,
             trust: SyncTrust::default(),
+            pending: Vec::new(),
         }
     }
 
@@ -564,6 +592,48 @@ impl Keeper {
     ) -> bool {
         let confirmed = self.trust.follow(sync_in_force, insert_lsn, standby);
         self.mode == MasterConnected && confirmed
+    }
+
+    /// What to keep for a restarted worker.
+    pub fn memory(&self) -> Memory {
+        let mut pending = [None; MAX_ACTIONS];
+        for (slot, a) in pending.iter_mut().zip(&self.pending) {
+            *slot = Some(*a);
+        }
+        Memory {
+            mode: self.mode,
+            failures: self.failures,
+            was_synchronous: self.was_synchronous,
+            trust: self.trust,
+            pending,
+        }
+    }
+
+    /// A keeper that goes on from `m`: same mode, count and trust, the same actions still to
+    /// perform; a promotion under way is asked for again.
+    pub fn resume(m: &Memory) -> Keeper {
+        Keeper {
+            mode: m.mode,
+            failures: m.failures,
+            promote_requested_at: (m.mode == Promoting).then_some(0),
+            was_synchronous: m.was_synchronous,
+            trust: m.trust,
+            pending: m.pending.iter().flatten().copied().collect(),
+            ..Keeper::new()
+        }
+    }
+
+    /// The next action to perform, if any: the worker performs them in order, telling the
+    /// keeper of each outcome ([`Keeper::action_done`], or an [`Input::ActionFailed`] step).
+    pub fn next_action(&self) -> Option<Action> {
+        self.pending.first().copied()
+    }
+
+    /// `action` (the next one) was performed.
+    pub fn action_done(&mut self, action: Action) {
+        if self.pending.first() == Some(&action) {
+            self.pending.remove(0);
+        }
     }
 
     /// (Primary.) How the standby stands with [`SyncTrust`], for the status.
@@ -618,6 +688,9 @@ impl Keeper {
             MasterWaiting | MasterAsync | Fenced => (E::Idle, String::new()),
             StandbyWaiting | StandbyConnected if !obs.in_recovery => {
                 (E::RecoveryEnded, String::new())
+            }
+            StandbyWaiting | StandbyConnected if obs.lease == Lease::Taken => {
+                (E::PromotionUnfinished, String::new())
             }
             MasterConnected | StandbyWaiting | StandbyConnected => {
                 // A standby that answers but whose replication does not stream cannot confirm
@@ -702,6 +775,9 @@ impl Keeper {
         {
             self.was_synchronous = *sync;
         }
+        if let Input::ActionFailed(action, _) = input {
+            self.action_done(*action);
+        }
         let (event, detail) = self.event_for(input, s);
         let from = self.mode;
         let now = match input {
@@ -772,6 +848,11 @@ impl Keeper {
         if t.actions.contains(&Promote) {
             self.promote_requested_at = now.or(self.promote_requested_at);
         }
+        if t.to != from || !t.actions.is_empty() {
+            // A failed action that sends the keeper to another mode ends the rest of its
+            // decision; a new decision replaces what was left.
+            self.pending = t.actions.to_vec();
+        }
         self.mode = t.to;
 
         let sentence = sentence_for(t, &detail, s);
@@ -790,7 +871,7 @@ impl Keeper {
 /// Why a standby may not take the lease, or None when it may (or no witness is configured).
 fn lease_withheld(lease: &Lease) -> Option<String> {
     match lease {
-        Lease::NotConfigured | Lease::Held => None,
+        Lease::NotConfigured | Lease::Held | Lease::Taken => None,
         Lease::Peer {
             expired: true,
             names_me: true,
@@ -810,7 +891,7 @@ fn lease_problem(lease: &Lease) -> String {
         Lease::Unreachable(why) => format!("the witness cannot be reached ({why})"),
         Lease::Missing => "the witness holds no lease".into(),
         Lease::Peer { .. } => "the lease is held by the other node".into(),
-        Lease::NotConfigured | Lease::Held => "the lease is held".into(),
+        Lease::NotConfigured | Lease::Held | Lease::Taken => "the lease is held".into(),
     }
 }
 

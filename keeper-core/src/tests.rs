@@ -238,7 +238,11 @@ fn standby_promotes_after_count_failures_and_becomes_master_when_recovery_ends()
     assert!(d.actions.is_empty());
     let d = k.step(&tick(2300, false, None), &s);
     assert_eq!(d.to, MasterAsync);
-    assert_eq!(d.actions, vec![RunAfterCommand(AfterEvent::Promote)]);
+    // The switch to async once more (idempotent), then after_command.
+    assert_eq!(
+        d.actions,
+        vec![DegradeToAsync, RunAfterCommand(AfterEvent::Promote)]
+    );
     assert!(
         d.sentence
             .contains("node1 is now the master and node2 is regarded as the standby"),
@@ -329,16 +333,28 @@ fn the_table_has_one_row_per_mode_and_event() {
 #[test]
 fn only_a_lost_peer_can_promote_or_degrade() {
     for t in TRANSITIONS {
+        // A standby that took the lease to promote before a restart goes on with it.
         if t.actions.contains(&Promote) {
             assert!(
-                matches!(t.on, Event::PeerLost | Event::PromotionSlow),
+                matches!(
+                    t.on,
+                    Event::PeerLost | Event::PromotionSlow | Event::PromotionUnfinished
+                ),
                 "{t:?}"
             );
-            assert!(matches!(t.from, StandbyConnected | Promoting), "{t:?}");
+            assert!(
+                matches!(t.from, StandbyConnected | Promoting)
+                    || t.on == Event::PromotionUnfinished,
+                "{t:?}"
+            );
         }
+        // After a promotion, the switch to async is made again (idempotent).
         if t.actions.contains(&DegradeToAsync) {
             assert!(
-                matches!(t.on, Event::PeerLost | Event::PeerLostSync),
+                matches!(
+                    t.on,
+                    Event::PeerLost | Event::PeerLostSync | Event::PromotionUnfinished
+                ) || (t.from, t.on) == (Promoting, Event::RecoveryEnded),
                 "{t:?}"
             );
         }
@@ -387,6 +403,7 @@ fn every_row_is_reachable_from_some_input() {
         Lease::Unreachable("w".into()),
         Lease::Missing,
         Lease::Held,
+        Lease::Taken,
         Lease::Peer {
             newer: true,
             expired: true,
@@ -438,6 +455,7 @@ fn every_row_is_reachable_from_some_input() {
                         paused: false,
                         was_synchronous,
                         trust: SyncTrust::default(),
+                        pending: Vec::new(),
                     };
                     let d = k.step(input, &s);
                     fired.insert((d.from, d.event));
@@ -1068,4 +1086,107 @@ fn only_a_connected_primary_names_its_standby_in_the_lease() {
         let named = k.lease_names_standby(true, 10, seen(true, 10));
         assert_eq!(named, mode == MasterConnected, "{mode:?}");
     }
+}
+
+#[test]
+fn the_keeper_owns_the_actions_of_its_decision_until_each_is_done() {
+    let (mut k, s) = master_connected(1);
+    let d = k.step(&tick(1000, false, no_answer()), &s);
+    assert_eq!(d.actions, ASYNC);
+    assert_eq!(k.next_action(), Some(ReleaseStandby));
+    k.action_done(ReleaseStandby);
+    assert_eq!(k.next_action(), Some(DegradeToAsync));
+    // A restarted worker goes on from the memory: same mode, same action next.
+    let mut resumed = Keeper::resume(&k.memory());
+    assert_eq!(resumed.mode(), MasterAsync);
+    assert_eq!(resumed.next_action(), Some(DegradeToAsync));
+    // A failure that sends the keeper back ends the rest of the decision.
+    let d = resumed.step(&Input::ActionFailed(DegradeToAsync, "no".into()), &s);
+    assert_eq!(d.to, MasterConnected);
+    assert_eq!(resumed.next_action(), None);
+}
+
+#[test]
+fn a_failed_action_that_keeps_the_mode_lets_the_rest_go_on() {
+    let (mut k, s) = standby_connected(1);
+    k.step(&tick(1000, true, no_answer()), &s);
+    assert_eq!(k.mode(), Promoting);
+    k.action_done(TakeLease);
+    k.action_done(Promote);
+    assert_eq!(k.next_action(), Some(DegradeToAsync));
+    k.step(&Input::ActionFailed(DegradeToAsync, "no".into()), &s);
+    assert_eq!(k.mode(), Promoting);
+    assert_eq!(k.next_action(), None);
+}
+
+#[test]
+fn a_resumed_promotion_is_asked_for_again_and_switches_to_async_when_it_ends() {
+    let (mut k, s) = standby_connected(1);
+    k.step(&tick(1000, true, no_answer()), &s);
+    k.action_done(TakeLease);
+    k.action_done(Promote);
+    // The worker restarts before the switch to async.
+    let mut r = Keeper::resume(&k.memory());
+    assert_eq!(r.mode(), Promoting);
+    let d = r.step(&tick(20_000, true, None), &s);
+    assert_eq!(
+        (d.event, d.actions.as_slice()),
+        (E::PromotionSlow, &[Promote][..])
+    );
+    r.action_done(Promote);
+    let d = r.step(&tick(20_100, false, None), &s);
+    assert_eq!(d.event, E::RecoveryEnded);
+    assert_eq!(d.actions, AFTER_PROMOTE);
+    assert!(d.actions.contains(&DegradeToAsync));
+}
+
+#[test]
+fn a_standby_that_took_the_lease_before_a_restart_goes_on_with_the_promotion() {
+    for armed in [false, true] {
+        let s = settings(3);
+        let mut k = Keeper::new();
+        k.step(&Input::Identified { in_recovery: true }, &s);
+        if armed {
+            k.step(&tick(0, true, Some(Heartbeat::Answered)), &s);
+        }
+        // Even a primary that answers: it will find the lease taken and fence itself.
+        let d = k.step(
+            &with_lease(tick(10, true, Some(Heartbeat::Answered)), Lease::Taken),
+            &s,
+        );
+        assert_eq!(
+            (d.event, d.to),
+            (E::PromotionUnfinished, Promoting),
+            "{d:?}"
+        );
+        assert_eq!(d.actions, PROMOTE);
+    }
+}
+
+#[test]
+fn a_lease_row_held_by_a_standby_that_took_it_reads_as_taken() {
+    let row = LeaseRow {
+        holder: "node2".into(),
+        epoch: 2,
+        timeline: 1,
+        sync_standby: None,
+        expired: false,
+        ms_left: 100,
+        mine: false,
+        promoting: true,
+    };
+    assert_eq!(row.view("node2", 1, false), Lease::Taken);
+    assert_eq!(
+        LeaseRow {
+            promoting: false,
+            ..row.clone()
+        }
+        .view("node2", 1, false),
+        Lease::Held
+    );
+    // The old primary sees the other node's lease, newer: superseded.
+    assert!(matches!(
+        row.view("node1", 1, true),
+        Lease::Peer { newer: true, .. }
+    ));
 }

@@ -135,6 +135,8 @@ pub struct FaultSet {
     pub witness: bool,
     pub clock: bool,
     pub worker_restarts: bool,
+    /// At most this many faults (each with its end) in a schedule.
+    pub episodes: u64,
 }
 
 impl FaultSet {
@@ -145,6 +147,7 @@ impl FaultSet {
         witness: true,
         clock: true,
         worker_restarts: true,
+        episodes: 4,
     };
 }
 
@@ -358,62 +361,78 @@ fn heal(w: &mut World) {
     }
 }
 
+/// The faults the scheduler may draw for node `n`, each with the fault that ends it (if any).
+/// `clock_step` is how far a clock fault steps the witness's clock.
+fn episodes(set: FaultSet, n: usize, clock_step: i64) -> Vec<(Fault, Option<Fault>)> {
+    let mut kinds: Vec<(Fault, Option<Fault>)> = Vec::new();
+    let cuts = [Link::Drop, Link::Swallow];
+    if set.crashes {
+        kinds.push((Fault::Crash(n), Some(Fault::Start(n))));
+        kinds.push((Fault::Crash(n), Some(Fault::StartSlowly(n))));
+        kinds.push((Fault::Crash(n), None));
+    }
+    if set.freezes {
+        kinds.push((Fault::Freeze(n), Some(Fault::Thaw(n))));
+    }
+    if set.links {
+        for l in cuts {
+            kinds.push((Fault::Heartbeat(n, l), Some(Fault::Heartbeat(n, Link::Up))));
+            kinds.push((Fault::Replication(l), Some(Fault::Replication(Link::Up))));
+            // A replication link that comes back slow.
+            kinds.push((Fault::Replication(l), Some(Fault::Replication(Link::Slow))));
+        }
+    }
+    if set.witness {
+        for l in cuts {
+            kinds.push((
+                Fault::WitnessPath(n, l),
+                Some(Fault::WitnessPath(n, Link::Up)),
+            ));
+        }
+        kinds.push((Fault::WitnessDown, Some(Fault::WitnessUp)));
+    }
+    if set.clock {
+        kinds.push((Fault::WitnessClock(clock_step), None));
+    }
+    if set.worker_restarts {
+        kinds.push((Fault::RestartWorker(n), None));
+        for a in [
+            Action::Promote,
+            Action::TakeLease,
+            Action::DegradeToAsync,
+            Action::ReleaseStandby,
+        ] {
+            kinds.push((Fault::After(n, a, AfterAction::RestartWorker), None));
+        }
+        kinds.push((
+            Fault::After(n, Action::TakeLease, AfterAction::CrashServer),
+            None,
+        ));
+    }
+    kinds
+}
+
+fn schedule(seed: u64, mut faults: Vec<(Ms, Fault)>, c: &Config) -> Schedule {
+    faults.sort_by_key(|(t, _)| *t);
+    let heal_at = faults.iter().map(|(t, _)| *t).max().unwrap_or(0) + c.keepalive_ms;
+    Schedule {
+        seed,
+        faults,
+        heal_at,
+    }
+}
+
 /// Draws a schedule: a few faults, each at a random time, most followed by their end.
 pub fn random_schedule(seed: u64, set: FaultSet, c: &Config) -> Schedule {
     let mut rng = Rng::new(seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
     let span = 12 * c.keepalive_ms;
     let mut faults = Vec::new();
-    let episodes = 1 + rng.below(4);
-    for _ in 0..episodes {
+    for _ in 0..1 + rng.below(set.episodes) {
         let at = rng.below(span);
         let len = c.keepalive_ms / 2 + rng.below(3 * c.lease_ms());
         let n = rng.below(2) as usize;
-        let link = || [Link::Drop, Link::Swallow];
-        let mut kinds: Vec<(Fault, Option<Fault>)> = Vec::new();
-        if set.crashes {
-            kinds.push((Fault::Crash(n), Some(Fault::Start(n))));
-            kinds.push((Fault::Crash(n), Some(Fault::StartSlowly(n))));
-            kinds.push((Fault::Crash(n), None));
-        }
-        if set.freezes {
-            kinds.push((Fault::Freeze(n), Some(Fault::Thaw(n))));
-        }
-        if set.links {
-            for l in link() {
-                kinds.push((Fault::Heartbeat(n, l), Some(Fault::Heartbeat(n, Link::Up))));
-                kinds.push((Fault::Replication(l), Some(Fault::Replication(Link::Up))));
-                // A replication link that comes back slow.
-                kinds.push((Fault::Replication(l), Some(Fault::Replication(Link::Slow))));
-            }
-        }
-        if set.witness {
-            for l in link() {
-                kinds.push((
-                    Fault::WitnessPath(n, l),
-                    Some(Fault::WitnessPath(n, Link::Up)),
-                ));
-            }
-            kinds.push((Fault::WitnessDown, Some(Fault::WitnessUp)));
-        }
-        if set.clock {
-            let step = rng.below(2 * c.lease_ms()) as i64 - c.lease_ms() as i64;
-            kinds.push((Fault::WitnessClock(step), None));
-        }
-        if set.worker_restarts {
-            kinds.push((Fault::RestartWorker(n), None));
-            for a in [
-                Action::Promote,
-                Action::TakeLease,
-                Action::DegradeToAsync,
-                Action::ReleaseStandby,
-            ] {
-                kinds.push((Fault::After(n, a, AfterAction::RestartWorker), None));
-            }
-            kinds.push((
-                Fault::After(n, Action::TakeLease, AfterAction::CrashServer),
-                None,
-            ));
-        }
+        let step = rng.below(2 * c.lease_ms()) as i64 - c.lease_ms() as i64;
+        let kinds = episodes(set, n, step);
         if kinds.is_empty() {
             break;
         }
@@ -423,13 +442,42 @@ pub fn random_schedule(seed: u64, set: FaultSet, c: &Config) -> Schedule {
             faults.push((at + len, end));
         }
     }
-    faults.sort_by_key(|(t, _)| *t);
-    let heal_at = faults.iter().map(|(t, _)| *t).max().unwrap_or(0) + c.keepalive_ms;
-    Schedule {
-        seed,
-        faults,
-        heal_at,
+    schedule(seed, faults, c)
+}
+
+/// Every schedule of one or two faults from the whole set, each starting at one of a few
+/// points of the heartbeat cycle and lasting briefly (half an interval) or long (two leases).
+pub fn short_schedules(set: FaultSet, c: &Config) -> Vec<Schedule> {
+    let kt = c.keepalive_ms;
+    let starts = [0, kt / 3, 2 * kt + kt / 2];
+    let lengths = [kt / 2, 2 * c.lease_ms()];
+    let mut one = Vec::new();
+    for n in 0..2 {
+        for (f, end) in episodes(set, n, 2 * c.lease_ms() as i64) {
+            for &at in &starts {
+                match end {
+                    Some(end) => {
+                        for &len in &lengths {
+                            one.push(vec![(at, f), (at + len, end)]);
+                        }
+                    }
+                    None => one.push(vec![(at, f)]),
+                }
+            }
+        }
     }
+    let mut all: Vec<Vec<(Ms, Fault)>> = one.clone();
+    for a in &one {
+        for b in &one {
+            if a[0].0 < b[0].0 {
+                all.push(a.iter().chain(b).copied().collect());
+            }
+        }
+    }
+    all.into_iter()
+        .enumerate()
+        .map(|(i, f)| schedule(i as u64, f, c))
+        .collect()
 }
 
 /// Removes faults while the schedule still fails, to a schedule where every fault matters.
@@ -454,9 +502,17 @@ pub fn shrink(c: &Config, s: &Schedule) -> Schedule {
 
 /// Runs seeds `from..from + count`; the first failure, shrunk, with its trace.
 pub fn search(c: &Config, set: FaultSet, from: u64, count: u64) -> Result<u64, String> {
+    check_all(
+        c,
+        (from..from + count).map(|seed| random_schedule(seed, set, c)),
+    )
+}
+
+/// Runs every schedule; the acknowledged commits checked, or the first failure, shrunk, with
+/// its trace.
+pub fn check_all(c: &Config, schedules: impl IntoIterator<Item = Schedule>) -> Result<u64, String> {
     let mut acks = 0;
-    for seed in from..from + count {
-        let s = random_schedule(seed, set, c);
+    for s in schedules {
         let out = run(c, &s, false);
         acks += out.acks.len() as u64;
         if out.violation.is_some() {

@@ -69,6 +69,9 @@ pub struct Server {
     pub last_keepalive: Ms,
     /// (Primary.) The standby's stream, as `pg_stat_replication` shows it.
     pub sender: Option<Sender>,
+    /// The keeper's memory in shared memory: kept across a restart of the worker, gone with
+    /// the server.
+    pub keeper_memory: Option<keeper_core::Memory>,
 }
 
 impl Server {
@@ -92,6 +95,7 @@ impl Server {
             last_receipt: 0,
             last_keepalive: 0,
             sender: None,
+            keeper_memory: None,
         }
     }
 
@@ -118,6 +122,7 @@ impl Server {
         self.receiver_streaming = false;
         self.sender = None;
         self.sync_change_at = None;
+        self.keeper_memory = None;
     }
 
     /// Starts the server again: in recovery if it was a standby or has `standby.signal`.
@@ -194,6 +199,8 @@ pub struct Row {
     pub sync_standby: Option<&'static str>,
     /// On the witness's clock.
     pub expires_at: i64,
+    /// Taken by a standby to promote; cleared by its first renewal as a primary.
+    pub promoting: bool,
 }
 
 /// The witness server: one row, its own clock, and the statements of `src/witness.rs`.
@@ -220,6 +227,7 @@ impl Witness {
             expired: r.expires_at < clock,
             ms_left: r.expires_at - clock,
             mine,
+            promoting: r.promoting,
         })
     }
 
@@ -242,6 +250,7 @@ impl Witness {
             timeline: tl,
             sync_standby: sync,
             expires_at: clock + lease_ms as i64,
+            promoting: false,
         };
         match &self.row {
             None => {
@@ -289,6 +298,7 @@ impl Witness {
             timeline: timeline as i64,
             sync_standby: None,
             expires_at: clock + lease_ms as i64,
+            promoting: true,
         });
         self.answer(now, true)
     }

@@ -401,7 +401,15 @@ impl World {
             self.worker(n).identified = true;
             // The first heartbeat follows at once.
             self.worker(n).last_tick = None;
-            self.decide(n, Input::Identified { in_recovery });
+            match self.servers[n].keeper_memory {
+                // A restarted worker goes on where the last one stopped (src/worker.rs).
+                Some(m) => {
+                    self.worker(n).keeper = Keeper::resume(&m);
+                    self.say(|| format!("{}: resumed in {}", NAMES[n], m.mode));
+                    self.perform_pending(n);
+                }
+                None => self.decide(n, Input::Identified { in_recovery }),
+            }
             return;
         }
         let mode = self.worker(n).keeper.mode();
@@ -602,30 +610,38 @@ impl World {
         if d.level > Level::Debug || d.changed_mode() {
             self.say(|| format!("{}: {} -> {}: {}", NAMES[n], d.from, d.to, d.sentence));
         }
-        for action in d.actions {
-            let before = self.worker(n).keeper.mode();
+        self.perform_pending(n);
+    }
+
+    /// Performs the keeper's actions in order, keeping its memory up to date before each one
+    /// (as the worker does in shared memory), so that a restart redoes the one under way.
+    fn perform_pending(&mut self, n: usize) {
+        let s = self.settings(n);
+        loop {
+            let memory = self.worker(n).keeper.memory();
+            self.servers[n].keeper_memory = Some(memory);
+            let Some(action) = self.worker(n).keeper.next_action() else {
+                return;
+            };
             let result = self.perform(n, action);
             self.say(|| {
-                format!(
-                    "{}: {:?} {}",
-                    NAMES[n],
-                    action,
-                    match &result {
-                        Ok(()) => "done".to_string(),
-                        Err(why) => format!("failed: {why}"),
-                    }
-                )
+                let outcome = match &result {
+                    Ok(()) => "done".to_string(),
+                    Err(why) => format!("failed: {why}"),
+                };
+                format!("{}: {action:?} {outcome}", NAMES[n])
             });
             if self.inject_after(n, action) {
                 return;
             }
-            if let Err(why) = result {
-                let d = self
-                    .worker(n)
-                    .keeper
-                    .step(&Input::ActionFailed(action, why), &s);
-                if d.to != before {
-                    break;
+            let Some(w) = self.workers[n].as_mut() else {
+                // Fenced: the server is gone.
+                return;
+            };
+            match result {
+                Ok(()) => w.keeper.action_done(action),
+                Err(why) => {
+                    w.keeper.step(&Input::ActionFailed(action, why), &s);
                 }
             }
         }

@@ -1,8 +1,9 @@
 //! Schedules that found holes, kept as regression tests.
 
+use keeper_core::Action;
 use keeper_sim::model::Link;
 use keeper_sim::world::{Ack, Config};
-use keeper_sim::{run, Fault, Schedule, LONG_STARTUP_MS};
+use keeper_sim::{run, AfterAction, Fault, Schedule, LONG_STARTUP_MS};
 
 /// Runs the schedule, checks that it still leads where it did (`passes_through` is in the
 /// trace) and that nothing unsafe happened.
@@ -70,4 +71,67 @@ fn hole_4_a_standby_that_refuses_and_does_not_stream_counts_as_failing() {
         trace.contains("refuses connections and its replication is not streaming"),
         "{trace}"
     );
+}
+
+/// Hole 2: a restarted worker forgot where it was. Each of these failed before the keeper's
+/// memory was kept for the next worker (and before a taken lease meant a promotion to finish).
+#[test]
+fn hole_2_a_worker_restarted_between_promotion_and_the_switch_to_async_goes_on() {
+    // Found by the explorer (seed 9630) with the memory left out: the new primary kept waiting
+    // for the old one and never ran the promote after_command.
+    let s = Schedule {
+        seed: 2,
+        faults: vec![
+            (
+                0,
+                Fault::After(1, Action::Promote, AfterAction::RestartWorker),
+            ),
+            (1000, Fault::Crash(0)),
+        ],
+        heal_at: 20_000,
+    };
+    expect_safe(&s, "resumed in standby mode:promoting");
+    let out = run(&Config::default(), &s, true);
+    let trace = out.trace.join("\n");
+    assert!(trace.contains("RunAfterCommand(Promote) done"), "{trace}");
+}
+
+#[test]
+fn hole_2_a_standby_that_crashed_after_taking_the_lease_finishes_its_promotion() {
+    // Found by the explorer (seed 6634): the standby took the lease and died before recovery
+    // ended; the old primary came back and fenced itself; nobody was primary.
+    expect_safe(
+        &Schedule {
+            seed: 3,
+            faults: vec![
+                (
+                    0,
+                    Fault::After(1, Action::TakeLease, AfterAction::CrashServer),
+                ),
+                (1000, Fault::Crash(0)),
+            ],
+            heal_at: 12_000,
+        },
+        "going on with the promotion",
+    );
+}
+
+#[test]
+fn hole_2_a_primary_whose_worker_restarts_while_the_standby_is_lost_still_switches_to_async() {
+    let c = Config::default();
+    let s = Schedule {
+        seed: 5,
+        faults: vec![(1000, Fault::Crash(1)), (2500, Fault::RestartWorker(0))],
+        heal_at: 20_000,
+    };
+    let out = run(&c, &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    assert!(
+        trace.contains("resumed in master mode:connected"),
+        "{trace}"
+    );
+    let stall = longest_stall(&out.acks, 0, 1000, 20_000);
+    let budget = c.keepalive_ms * c.keepalive_count as u64;
+    assert!(stall <= budget + 1000, "commits waited {stall} ms\n{trace}");
 }
