@@ -22,6 +22,8 @@ pub struct NodeFacts {
     pub timeline: Option<u32>,
     /// The `sync_state` the node (a primary) shows for the asking standby, if it streams.
     pub sync_state_of_asker: Option<String>,
+    /// The node's `pg_keeper.witness_conninfo` is set (None: hidden from this user).
+    pub uses_witness: Option<bool>,
     /// `pg_postmaster_start_time()` in microseconds since the Unix epoch.
     pub started_at_us: i64,
     pub port: i32,
@@ -60,7 +62,8 @@ const HEARTBEAT_SQL: &CStr = c"SELECT pg_catalog.pg_is_in_recovery(), \
         pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END, \
     CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN (SELECT sync_state::text \
         FROM pg_catalog.pg_stat_replication WHERE application_name = $1 AND state = 'streaming' \
-        LIMIT 1) END";
+        LIMIT 1) END, \
+    (SELECT setting <> '' FROM pg_catalog.pg_settings WHERE name = 'pg_keeper.witness_conninfo')";
 
 /// Server answers that mean "alive, but not letting you in right now". libpq reports a server's
 /// refusal with the server's severity (`FATAL:`); the phrases cover servers that answer in
@@ -495,10 +498,11 @@ fn read_facts(rows: &[Vec<Option<String>>]) -> Beat {
         field(1).and_then(|v| v.parse::<i64>().ok()),
         field(2).and_then(|v| v.parse::<i32>().ok()),
     ) {
-        (Some(started_at_us), Some(port)) if row.len() == 5 => Beat::Answered(NodeFacts {
+        (Some(started_at_us), Some(port)) if row.len() == 6 => Beat::Answered(NodeFacts {
             in_recovery: field(0).as_deref() == Some("t"),
             timeline: field(3).and_then(|t| t.parse().ok()),
             sync_state_of_asker: field(4),
+            uses_witness: field(5).map(|v| v == "t"),
             started_at_us,
             port,
         }),

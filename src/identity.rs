@@ -44,7 +44,8 @@ fn own_facts() -> (i64, i32) {
     }
 }
 
-fn is_me(f: &NodeFacts) -> bool {
+/// Whether a node's answer is this server's own (its postmaster start time and port).
+pub fn is_me(f: &NodeFacts) -> bool {
     let (started, port) = own_facts();
     f.started_at_us == started && f.port == port
 }

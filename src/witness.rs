@@ -19,8 +19,9 @@ pub use keeper_core::LeaseRow;
 
 use crate::heartbeat::{Beat, Node, Reply};
 
-/// Made once per connection; `IF NOT EXISTS` because both nodes may try.
-const CREATE_SQL: &CStr = c"CREATE TABLE IF NOT EXISTS pg_keeper_lease (
+/// Made once per connection; `IF NOT EXISTS` because both nodes may try. Every statement names
+/// the table with its schema and runs with a fixed `search_path` (see [`SESSION_SQL`]).
+const CREATE_SQL: &CStr = c"CREATE TABLE IF NOT EXISTS public.pg_keeper_lease (
     id int PRIMARY KEY CHECK (id = 1),
     holder text NOT NULL,
     epoch bigint NOT NULL,
@@ -28,73 +29,117 @@ const CREATE_SQL: &CStr = c"CREATE TABLE IF NOT EXISTS pg_keeper_lease (
     sync_standby text,
     expires_at timestamptz NOT NULL,
     renewed_at timestamptz NOT NULL,
-    promoting boolean NOT NULL DEFAULT false)";
+    promoting boolean NOT NULL DEFAULT false,
+    system_identifier text)";
 
-/// A table made by an earlier version lacks `promoting`.
-const UPGRADE_SQL: &CStr =
-    c"ALTER TABLE pg_keeper_lease ADD COLUMN IF NOT EXISTS promoting boolean NOT NULL DEFAULT false";
+/// Whether the table lacks the newer columns (made by an earlier version): `t` or `f`.
+const NEEDS_UPGRADE_SQL: &CStr = c"SELECT count(*) < 2 FROM pg_catalog.pg_attribute \
+    WHERE attrelid = 'public.pg_keeper_lease'::pg_catalog.regclass \
+      AND attname IN ('promoting', 'system_identifier') AND NOT attisdropped";
 
-/// The columns every statement returns, in this order.
-const COLUMNS: &str = "holder, epoch, timeline, sync_standby, \
-    (expires_at < clock_timestamp()) AS expired, \
-    (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 AS ms_left, promoting";
+/// Adds them (only then: ALTER TABLE needs the table's owner).
+const UPGRADE_SQL: &CStr = c"ALTER TABLE public.pg_keeper_lease
+    ADD COLUMN IF NOT EXISTS promoting boolean NOT NULL DEFAULT false,
+    ADD COLUMN IF NOT EXISTS system_identifier text";
+
+/// Set once per connection: a `search_path` no other schema can take over, and commits that
+/// are durable on the witness whatever its default; then whether it can hold a lease at all.
+const SESSION_SQL: &CStr =
+    c"SELECT pg_catalog.set_config('search_path', 'pg_catalog, public', false), \
+    pg_catalog.set_config('synchronous_commit', 'on', false), \
+    pg_catalog.pg_is_in_recovery(), pg_catalog.current_setting('fsync')";
+
+/// Whether the lease has expired, for a lease of `$ms` milliseconds (parameter `ms`): past its
+/// expiry, or further in the future than a renewal can put it (the witness's clock stepped
+/// back after the renewal).
+fn expired(table: &str, ms: &str) -> String {
+    format!(
+        "({table}expires_at < clock_timestamp() \
+          OR {table}expires_at > clock_timestamp() + {ms}::int8 * interval '1 millisecond')"
+    )
+}
+
+/// The columns every statement returns, in this order (then `mine`); `ms` is the lease
+/// parameter.
+fn columns(ms: &str) -> String {
+    format!(
+        "holder, epoch, timeline, sync_standby, {} AS expired, \
+         (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::int8 AS ms_left, \
+         promoting, system_identifier",
+        expired("", ms)
+    )
+}
 
 /// The primary's renewal. $1 this node, $2 its timeline, $3 its synchronous standby or NULL,
-/// $4 the lease in milliseconds. It renews a lease it holds (unless a newer incarnation of the
-/// same name recorded a later timeline), creates a missing one, and takes over an expired lease
-/// of an older timeline; otherwise it changes nothing and returns the row as it is.
+/// $4 the lease in milliseconds, $5 this cluster's system identifier. It renews a lease it
+/// holds (unless a newer incarnation of the same name recorded a later timeline), creates a
+/// missing one, and takes over an expired lease of an older timeline; never a lease of another
+/// cluster. Otherwise it changes nothing and returns the row as it is.
 fn claim_sql() -> CString {
+    let cols = columns("$4");
     CString::new(format!(
         "WITH claimed AS (
-            INSERT INTO pg_keeper_lease AS l
-                (id, holder, epoch, timeline, sync_standby, expires_at, renewed_at)
-            VALUES (1, $1, 1, $2::int, $3, clock_timestamp() + $4::int * interval '1 millisecond',
-                    clock_timestamp())
+            INSERT INTO public.pg_keeper_lease AS l
+                (id, holder, epoch, timeline, sync_standby, expires_at, renewed_at, promoting,
+                 system_identifier)
+            VALUES (1, $1, 1, $2::int, $3, clock_timestamp() + $4::int8 * interval '1 millisecond',
+                    clock_timestamp(), false, $5)
             ON CONFLICT (id) DO UPDATE SET
                 epoch = CASE WHEN l.holder = EXCLUDED.holder THEN l.epoch ELSE l.epoch + 1 END,
                 holder = EXCLUDED.holder, timeline = EXCLUDED.timeline,
                 sync_standby = EXCLUDED.sync_standby, expires_at = EXCLUDED.expires_at,
-                renewed_at = EXCLUDED.renewed_at, promoting = false
-            WHERE (l.holder = EXCLUDED.holder AND l.timeline <= EXCLUDED.timeline)
-               OR (l.holder <> EXCLUDED.holder AND l.timeline < EXCLUDED.timeline
-                   AND l.expires_at < clock_timestamp())
-            RETURNING {COLUMNS}, true AS mine)
+                renewed_at = EXCLUDED.renewed_at, promoting = false,
+                system_identifier = EXCLUDED.system_identifier
+            WHERE (l.system_identifier IS NULL OR l.system_identifier = EXCLUDED.system_identifier)
+              AND ((l.holder = EXCLUDED.holder AND l.timeline <= EXCLUDED.timeline)
+                OR (l.holder <> EXCLUDED.holder AND l.timeline < EXCLUDED.timeline
+                    AND {}))
+            RETURNING {cols}, true AS mine)
         SELECT * FROM claimed
         UNION ALL
-        SELECT {COLUMNS}, false FROM pg_keeper_lease
-         WHERE id = 1 AND NOT EXISTS (SELECT FROM claimed)"
+        SELECT {cols}, false FROM public.pg_keeper_lease
+         WHERE id = 1 AND NOT EXISTS (SELECT FROM claimed)",
+        expired("l.", "$4")
     ))
     .expect("no NUL in the statement")
 }
 
+/// $1 the lease in milliseconds.
 fn read_sql() -> CString {
     CString::new(format!(
-        "SELECT {COLUMNS}, false FROM pg_keeper_lease WHERE id = 1"
+        "SELECT {}, false FROM public.pg_keeper_lease WHERE id = 1",
+        columns("$1")
     ))
     .expect("no NUL in the statement")
 }
 
-/// The standby's take-over. $1 this node, $2 its timeline, $3 the lease in milliseconds.
+/// The standby's take-over. $1 this node, $2 its timeline, $3 the lease in milliseconds, $4
+/// this cluster's system identifier. Only a lease it holds, or an expired one of this cluster
+/// that names it as synchronous; marked `promoting` until its first renewal as a primary.
 fn take_sql() -> CString {
     CString::new(format!(
-        "UPDATE pg_keeper_lease SET
+        "UPDATE public.pg_keeper_lease SET
             epoch = CASE WHEN holder = $1 THEN epoch ELSE epoch + 1 END,
             holder = $1, timeline = $2::int, sync_standby = NULL, promoting = true,
-            expires_at = clock_timestamp() + $3::int * interval '1 millisecond',
+            system_identifier = $4,
+            expires_at = clock_timestamp() + $3::int8 * interval '1 millisecond',
             renewed_at = clock_timestamp()
          WHERE id = 1
-           AND (holder = $1 OR (expires_at < clock_timestamp() AND sync_standby = $1))
-         RETURNING {COLUMNS}, true"
+           AND (system_identifier IS NULL OR system_identifier = $4)
+           AND (holder = $1 OR ({} AND sync_standby = $1))
+         RETURNING {}, true",
+        expired("", "$3"),
+        columns("$3")
     ))
     .expect("no NUL in the statement")
 }
 
-/// Reads one row of [`COLUMNS`] plus `mine`.
+/// Reads one row of [`columns`] plus `mine`.
 fn parse_row(row: &[Option<String>]) -> Result<LeaseRow, String> {
     let text = |i: usize| row.get(i).cloned().flatten();
     let num = |i: usize| text(i).and_then(|v| v.parse::<i64>().ok());
     match (text(0), num(1), num(2), num(5)) {
-        (Some(holder), Some(epoch), Some(timeline), Some(ms_left)) if row.len() == 8 => {
+        (Some(holder), Some(epoch), Some(timeline), Some(ms_left)) if row.len() == 9 => {
             Ok(LeaseRow {
                 holder,
                 epoch,
@@ -103,7 +148,8 @@ fn parse_row(row: &[Option<String>]) -> Result<LeaseRow, String> {
                 expired: text(4).as_deref() == Some("t"),
                 ms_left,
                 promoting: text(6).as_deref() == Some("t"),
-                mine: text(7).as_deref() == Some("t"),
+                system_identifier: text(7),
+                mine: text(8).as_deref() == Some("t"),
             })
         }
         _ => Err("the witness's answer could not be read".into()),
@@ -113,8 +159,11 @@ fn parse_row(row: &[Option<String>]) -> Result<LeaseRow, String> {
 /// The connection to the witness, kept between ticks.
 pub struct Witness {
     node: Node,
-    /// The lease table exists (made or seen on this connection's server).
+    /// The session is set up and the lease table exists (made or seen on this connection's
+    /// server).
     table_ready: bool,
+    /// This cluster's system identifier, recorded in the lease and compared by every statement.
+    system_identifier: String,
 }
 
 fn describe_failure(beat: Beat) -> String {
@@ -130,11 +179,40 @@ fn text(value: impl ToString) -> CString {
 }
 
 impl Witness {
-    pub fn new(conninfo: &str) -> Witness {
+    pub fn new(conninfo: &str, system_identifier: u64) -> Witness {
         Witness {
             node: Node::new(conninfo),
             table_ready: false,
+            system_identifier: system_identifier.to_string(),
         }
+    }
+
+    /// Sets up the session, refuses a witness that cannot keep a lease, makes the table.
+    fn prepare(&mut self, deadline: Instant) -> Result<(), String> {
+        let run = |node: &mut Node, sql: &CStr| match node.run(sql, &[], deadline) {
+            Ok(Reply::Rows(rows)) => Ok(rows),
+            Ok(Reply::Error(msg)) => Err(msg),
+            Err(beat) => Err(describe_failure(beat)),
+        };
+        let rows = run(&mut self.node, SESSION_SQL)?;
+        let field = |i: usize| rows.first().and_then(|r| r.get(i).cloned().flatten());
+        if field(2).as_deref() == Some("t") {
+            return Err("the witness server is in recovery (a standby): a lease there could not be written, and could be lost with its primary".into());
+        }
+        if field(3).as_deref() == Some("off") {
+            return Err("the witness server runs with fsync = off: a lease there could be lost in a crash and then taken twice".into());
+        }
+        run(&mut self.node, CREATE_SQL)
+            .and_then(|_| run(&mut self.node, NEEDS_UPGRADE_SQL))
+            .and_then(
+                |rows| match rows.first().and_then(|r| r.first().cloned().flatten()) {
+                    Some(t) if t == "t" => run(&mut self.node, UPGRADE_SQL).map(|_| ()),
+                    _ => Ok(()),
+                },
+            )
+            .map_err(|msg| format!("could not create table pg_keeper_lease: {msg}"))?;
+        self.table_ready = true;
+        Ok(())
     }
 
     /// Runs one statement, making the table first if need be; `Ok(None)` when it returned no
@@ -146,23 +224,16 @@ impl Witness {
         deadline: Instant,
     ) -> Result<Option<LeaseRow>, String> {
         if !self.table_ready {
-            let made = self
-                .node
-                .run(CREATE_SQL, &[], deadline)
-                .and_then(|r| match r {
-                    Reply::Rows(_) => self.node.run(UPGRADE_SQL, &[], deadline),
-                    error => Ok(error),
-                });
-            match made {
-                Ok(Reply::Rows(_)) => self.table_ready = true,
-                Ok(Reply::Error(msg)) => {
-                    return Err(format!("could not create table pg_keeper_lease: {msg}"))
-                }
-                Err(beat) => return Err(describe_failure(beat)),
-            }
+            self.prepare(deadline)?;
         }
         match self.node.run(sql, params, deadline) {
-            Ok(Reply::Rows(rows)) => rows.first().map(|r| parse_row(r)).transpose(),
+            Ok(Reply::Rows(rows)) => match rows.first().map(|r| parse_row(r)).transpose()? {
+                Some(row) => match row.foreign(&self.system_identifier) {
+                    Some(why) => Err(why),
+                    None => Ok(Some(row)),
+                },
+                None => Ok(None),
+            },
             Ok(Reply::Error(msg)) => {
                 // The table may have been dropped by hand: make it again next time.
                 self.table_ready = false;
@@ -187,13 +258,21 @@ impl Witness {
     ) -> Result<Option<LeaseRow>, String> {
         let sync = sync_standby.map(text);
         let (me, tl, ms) = (text(me), text(timeline), text(lease.as_millis()));
-        let params = [Some(&*me), Some(&*tl), sync.as_deref(), Some(&*ms)];
+        let sysid = text(&self.system_identifier);
+        let params = [
+            Some(&*me),
+            Some(&*tl),
+            sync.as_deref(),
+            Some(&*ms),
+            Some(&*sysid),
+        ];
         self.run(&claim_sql(), &params, deadline)
     }
 
-    /// The lease as it stands (a standby's look).
-    pub fn read(&mut self, deadline: Instant) -> Result<Option<LeaseRow>, String> {
-        self.run(&read_sql(), &[], deadline)
+    /// The lease as it stands (a standby's look), judged for a lease of `lease`.
+    pub fn read(&mut self, lease: Duration, deadline: Instant) -> Result<Option<LeaseRow>, String> {
+        let ms = text(lease.as_millis());
+        self.run(&read_sql(), &[Some(&*ms)], deadline)
     }
 
     /// The standby's take-over (see [`take_sql`]): the new row, or why it was not taken.
@@ -205,21 +284,22 @@ impl Witness {
         deadline: Instant,
     ) -> Result<LeaseRow, String> {
         let (me_t, tl, ms) = (text(me), text(timeline), text(lease.as_millis()));
+        let sysid = text(&self.system_identifier);
         match self.run(
             &take_sql(),
-            &[Some(&*me_t), Some(&*tl), Some(&*ms)],
+            &[Some(&*me_t), Some(&*tl), Some(&*ms), Some(&*sysid)],
             deadline,
         )? {
             Some(row) => Ok(row),
             None => {
                 let now = self
-                    .read(deadline)
+                    .read(lease, deadline)
                     .ok()
                     .flatten()
                     .map(|r| r.describe())
                     .unwrap_or_else(|| "no lease".into());
                 Err(format!(
-                    "the lease is not expired or does not name {me} as synchronous: {now}"
+                    "the lease is not expired, does not name {me} as synchronous, or is another cluster's: {now}"
                 ))
             }
         }

@@ -157,7 +157,13 @@ impl Worker {
 
     /// (Re)makes the witness connection from the settings, and says so in the status.
     fn connect_witness(&mut self) {
-        self.witness = self.settings.witness.as_deref().map(Witness::new);
+        // SAFETY: set at start-up from pg_control, before any worker starts.
+        let system_identifier = unsafe { pg_sys::GetSystemIdentifier() };
+        self.witness = self
+            .settings
+            .witness
+            .as_deref()
+            .map(|w| Witness::new(w, system_identifier));
         self.lease = None;
         self.witness_down_since = None;
         self.witness_warned_at = None;
@@ -376,9 +382,15 @@ impl Worker {
                 return;
             };
             peer.set_asker(&asker);
-            let beat = peer.beat(deadline);
+            let mut beat = peer.beat(deadline);
             if beat == Beat::Interrupted {
                 return;
+            }
+            if matches!(&beat, Beat::Answered(f) if identity::is_me(f)) {
+                // The peer's conninfo now reaches this very server (a moved address, say): that
+                // is no answer from the peer.
+                beat =
+                    Beat::NoAnswer("the heartbeat reached this server itself, not the peer".into());
             }
             self.publish_beat(&beat);
             Some(beat)
@@ -430,6 +442,9 @@ impl Worker {
             peer_newer_primary: facts.is_some_and(|f| {
                 !in_recovery && !f.in_recovery && f.timeline.is_some_and(|t| t > my_timeline)
             }),
+            peer_uses_witness: facts
+                .filter(|f| in_recovery && !f.in_recovery)
+                .and_then(|f| f.uses_witness),
             lease,
         };
         self.decide(Input::Tick(obs));
@@ -463,7 +478,7 @@ impl Worker {
             let sync = synchronous_peer.then_some(peer);
             witness.claim(me, timeline, sync, lease_time, deadline)
         } else if standby {
-            witness.read(deadline)
+            witness.read(lease_time, deadline)
         } else {
             return Lease::NotConfigured;
         };

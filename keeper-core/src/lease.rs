@@ -20,6 +20,9 @@ pub struct LeaseRow {
     /// The holder took the lease as a standby, to promote, and has not renewed it as a primary
     /// since.
     pub promoting: bool,
+    /// The `system_identifier` of the cluster whose lease this is (`None`: written by an
+    /// earlier version, before the row recorded it).
+    pub system_identifier: Option<String>,
 }
 
 impl LeaseRow {
@@ -35,6 +38,18 @@ impl LeaseRow {
             "lease held by {} (epoch {}, timeline {}, synchronous standby {sync}), {when}",
             self.holder, self.epoch, self.timeline
         )
+    }
+
+    /// Why the row is not this cluster's (`system_identifier` of this server), if it is not:
+    /// another pair uses the same witness database, or a pair that no longer exists left it.
+    /// Such a row is never obeyed (every statement also compares it).
+    pub fn foreign(&self, system_identifier: &str) -> Option<String> {
+        match &self.system_identifier {
+            Some(theirs) if theirs != system_identifier => Some(format!(
+                "the lease on the witness belongs to another cluster (system identifier {theirs}; this cluster's is {system_identifier})"
+            )),
+            _ => None,
+        }
     }
 
     /// What the row means for node `me` on `timeline`. A primary holds the lease when this
@@ -64,5 +79,5 @@ impl LeaseRow {
 
 /// How long a lease lasts on the witness's clock, in milliseconds.
 pub fn lease_time_ms(keepalive_time_ms: u64, keepalive_count: u32) -> u64 {
-    keepalive_time_ms * (keepalive_count as u64 + 2)
+    keepalive_time_ms.saturating_mul(keepalive_count as u64 + 2)
 }

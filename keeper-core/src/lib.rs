@@ -172,7 +172,8 @@ pub enum Lease {
     /// No witness is configured: the lease plays no part.
     #[default]
     NotConfigured,
-    /// The witness could not be reached, or its answer could not be read.
+    /// The witness could not be reached, or its answer could not be read, or its lease is not
+    /// this cluster's (see [`LeaseRow::foreign`]): it cannot be used.
     Unreachable(String),
     /// The witness holds no lease yet (a primary creates it on its first renewal).
     Missing,
@@ -220,6 +221,9 @@ pub struct Observation {
     pub peer_says_synchronous: Option<bool>,
     /// (Primary only.) The peer answered as a primary on a newer timeline than this server's.
     pub peer_newer_primary: bool,
+    /// (Standby only.) What the primary's answer said of its own witness: configured (true),
+    /// not (false), or nothing (None: no answer, or its settings are hidden from this user).
+    pub peer_uses_witness: Option<bool>,
     /// The lease on the witness, as renewed (primary) or read (standby) this tick.
     pub lease: Lease,
 }
@@ -285,6 +289,9 @@ pub enum Event {
     PeerNotYetSeen,
     /// This standby took the lease to promote before a restart: it goes on with the promotion.
     PromotionUnfinished,
+    /// The primary is lost, and it uses a witness that this standby does not: promoting without
+    /// the lease could give two primaries.
+    PeerLostWitnessMismatch,
     RecoveryEnded,
     PromotionSlow,
     DegradeFailed,
@@ -379,6 +386,7 @@ pub const TRANSITIONS: &[Transition] = &[
     row(StandbyConnected, E::PromotionUnfinished, Promoting, PROMOTE, Log, "this standby took the lease on the witness to promote before a restart; going on with the promotion"),
     row(StandbyConnected, E::PeerLostButStreaming, StandbyConnected, NONE, Log, "not promoting: primary {peer} does not answer heartbeats but this standby's WAL receiver still receives from it"),
     row(StandbyConnected, E::PeerLostLeaseWithheld, StandbyConnected, NONE, Warn, "not promoting: primary {peer} is lost but the lease on the witness cannot be taken"),
+    row(StandbyConnected, E::PeerLostWitnessMismatch, StandbyConnected, NONE, Warn, "not promoting: primary {peer} is lost, and it uses a witness (pg_keeper.witness_conninfo) but this standby does not, so it cannot take the lease"),
     row(StandbyConnected, E::PeerLostNotSynchronous, StandbyConnected, NONE, Warn, "not promoting: primary {peer} is lost but this standby was not its synchronous standby at the last answer, so acknowledged commits could be lost (pg_keeper.allow_data_loss_failover = on promotes anyway)"),
     // A primary that finds the other node primary on a newer timeline was superseded.
     row(MasterWaiting, E::Superseded, Fenced, FENCE, Warn, "superseded: {peer} is a primary on a newer timeline; fencing this server"),
@@ -407,6 +415,7 @@ const ONCE_PER_REASON: &[Event] = &[
     E::PeerLostNotSynchronous,
     E::PeerLostNoLease,
     E::PeerLostLeaseWithheld,
+    E::PeerLostWitnessMismatch,
 ];
 
 /// Looks up the move for a mode and an event.
@@ -486,7 +495,7 @@ impl Decision {
             E::PeerLostNotSynchronous => "promotion_held",
             E::Superseded | E::SupersededByLease => "superseded",
             E::PeerLostNoLease => "async_held",
-            E::PeerLostLeaseWithheld => "promotion_held",
+            E::PeerLostLeaseWithheld | E::PeerLostWitnessMismatch => "promotion_held",
             E::DegradeFailed
             | E::PromoteFailed
             | E::RestoreFailed
@@ -512,6 +521,8 @@ pub struct Keeper {
     paused: bool,
     /// At the last answer of the primary, this standby was its synchronous standby.
     was_synchronous: bool,
+    /// At the last answer of the primary, it said it uses a witness.
+    peer_used_witness: bool,
     /// (Primary.) Whether the standby counts as synchronous (see [`SyncTrust`]).
     trust: SyncTrust,
     /// The actions of the last decision not yet performed, in order (see [`Keeper::next_action`]).
@@ -526,6 +537,7 @@ pub struct Memory {
     pub mode: Mode,
     pub failures: u32,
     pub was_synchronous: bool,
+    pub peer_used_witness: bool,
     pub trust: SyncTrust,
     pub pending: [Option<Action>; MAX_ACTIONS],
 }
@@ -548,6 +560,7 @@ impl Keeper {
             last_said: None,
             paused: false,
             was_synchronous: false,
+            peer_used_witness: false,
             trust: SyncTrust::default(),
             pending: Vec::new(),
         }
@@ -604,6 +617,7 @@ impl Keeper {
             mode: self.mode,
             failures: self.failures,
             was_synchronous: self.was_synchronous,
+            peer_used_witness: self.peer_used_witness,
             trust: self.trust,
             pending,
         }
@@ -617,6 +631,7 @@ impl Keeper {
             failures: m.failures,
             promote_requested_at: (m.mode == Promoting).then_some(0),
             was_synchronous: m.was_synchronous,
+            peer_used_witness: m.peer_used_witness,
             trust: m.trust,
             pending: m.pending.iter().flatten().copied().collect(),
             ..Keeper::new()
@@ -732,6 +747,13 @@ impl Keeper {
                     && !s.allow_data_loss_failover
                 {
                     (E::PeerLostNotSynchronous, detail)
+                } else if self.mode == StandbyConnected
+                    && self.peer_used_witness
+                    && obs.lease == Lease::NotConfigured
+                {
+                    // Without the lease this standby could promote while a primary cut off from
+                    // it goes on asynchronously under its own lease.
+                    (E::PeerLostWitnessMismatch, detail)
                 } else if self.mode == StandbyConnected {
                     match lease_withheld(&obs.lease) {
                         Some(why) => (E::PeerLostLeaseWithheld, format!("{why}; {detail}")),
@@ -775,6 +797,14 @@ impl Keeper {
         {
             self.was_synchronous = *sync;
         }
+        if let Input::Tick(Observation {
+            heartbeat: Some(Heartbeat::Answered),
+            peer_uses_witness: Some(uses),
+            ..
+        }) = input
+        {
+            self.peer_used_witness = *uses;
+        }
         if let Input::ActionFailed(action, _) = input {
             self.action_done(*action);
         }
@@ -804,7 +834,8 @@ impl Keeper {
             | E::PeerLostSync
             | E::PeerLostAsync
             | E::PeerLostButStreaming
-            | E::PeerLostNotSynchronous => self.failures += 1,
+            | E::PeerLostNotSynchronous
+            | E::PeerLostWitnessMismatch => self.failures += 1,
             _ => {}
         }
         if self.paused && t.actions.iter().any(Action::changes_the_cluster) {

@@ -24,6 +24,7 @@ fn tick(now_ms: u64, in_recovery: bool, hb: Option<Heartbeat>) -> Input {
         wal_receiver_recent: false,
         peer_says_synchronous: in_recovery.then_some(true),
         peer_newer_primary: false,
+        peer_uses_witness: None,
         lease: Lease::NotConfigured,
     })
 }
@@ -433,6 +434,7 @@ fn every_row_is_reachable_from_some_input() {
                                     wal_receiver_recent: guard,
                                     peer_says_synchronous: None,
                                     peer_newer_primary: guard,
+                                    peer_uses_witness: None,
                                     lease: lease.clone(),
                                 }));
                             }
@@ -446,7 +448,9 @@ fn every_row_is_reachable_from_some_input() {
         let s = settings(count);
         for mode in Mode::ALL {
             for input in &inputs {
-                for was_synchronous in [false, true] {
+                for (was_synchronous, peer_used_witness) in
+                    [(false, false), (true, false), (true, true)]
+                {
                     let mut k = Keeper {
                         mode,
                         failures: 0,
@@ -454,6 +458,7 @@ fn every_row_is_reachable_from_some_input() {
                         last_said: None,
                         paused: false,
                         was_synchronous,
+                        peer_used_witness,
                         trust: SyncTrust::default(),
                         pending: Vec::new(),
                     };
@@ -485,6 +490,7 @@ fn catch_up_tick(now_ms: u64, caught_up: bool) -> Input {
         wal_receiver_recent: false,
         peer_says_synchronous: None,
         peer_newer_primary: false,
+        peer_uses_witness: None,
         lease: Lease::NotConfigured,
     })
 }
@@ -628,6 +634,7 @@ fn standby_tick(
         wal_receiver_recent: wal_recent,
         peer_says_synchronous: says_sync,
         peer_newer_primary: false,
+        peer_uses_witness: None,
         lease: Lease::NotConfigured,
     })
 }
@@ -752,6 +759,7 @@ fn a_standby_that_answers_but_does_not_stream_counts_as_a_failure_for_the_primar
             wal_receiver_recent: false,
             peer_says_synchronous: None,
             peer_newer_primary: false,
+            peer_uses_witness: None,
             lease: Lease::NotConfigured,
         })
     };
@@ -1174,6 +1182,7 @@ fn a_lease_row_held_by_a_standby_that_took_it_reads_as_taken() {
         ms_left: 100,
         mine: false,
         promoting: true,
+        system_identifier: None,
     };
     assert_eq!(row.view("node2", 1, false), Lease::Taken);
     assert_eq!(
@@ -1189,4 +1198,65 @@ fn a_lease_row_held_by_a_standby_that_took_it_reads_as_taken() {
         row.view("node1", 1, true),
         Lease::Peer { newer: true, .. }
     ));
+}
+
+#[test]
+fn a_standby_without_the_witness_its_primary_uses_does_not_promote() {
+    let (mut k, s) = standby_connected(1);
+    let mut answer = tick(0, true, Some(Heartbeat::Answered));
+    if let Input::Tick(o) = &mut answer {
+        o.peer_uses_witness = Some(true);
+    }
+    k.step(&answer, &s);
+    let d = k.step(&tick(1000, true, no_answer()), &s);
+    assert_eq!(
+        (d.event, d.to),
+        (E::PeerLostWitnessMismatch, StandbyConnected)
+    );
+    assert!(d.actions.is_empty());
+    assert!(
+        d.sentence.contains("but this standby does not"),
+        "{}",
+        d.sentence
+    );
+    // With a witness of its own it goes by the lease as usual.
+    let lost = with_lease(
+        tick(2000, true, no_answer()),
+        Lease::Peer {
+            newer: false,
+            expired: true,
+            names_me: true,
+        },
+    );
+    assert_eq!(k.step(&lost, &s).event, E::PeerLost);
+}
+
+#[test]
+fn another_clusters_lease_row_is_foreign() {
+    let row = LeaseRow {
+        holder: "node1".into(),
+        epoch: 1,
+        timeline: 1,
+        sync_standby: Some("node2".into()),
+        expired: false,
+        ms_left: 100,
+        mine: false,
+        promoting: false,
+        system_identifier: Some("111".into()),
+    };
+    assert_eq!(row.foreign("111"), None);
+    let why = row.foreign("222").expect("foreign");
+    assert!(
+        why.contains("another cluster") && why.contains("111") && why.contains("222"),
+        "{why}"
+    );
+    // A row written before the identifier was recorded is this cluster's.
+    assert_eq!(
+        LeaseRow {
+            system_identifier: None,
+            ..row
+        }
+        .foreign("222"),
+        None
+    );
 }

@@ -79,6 +79,9 @@ pub enum Fault {
     WitnessUp,
     /// The witness's clock steps by this many milliseconds.
     WitnessClock(i64),
+    /// Another pair using the same witness database writes its own lease there: held by a node
+    /// of the same name as this pair's node2, on a later timeline, valid for a lease time.
+    ForeignLease,
     /// The next time node n performs the action, the fault strikes right after it.
     After(usize, Action, AfterAction),
 }
@@ -100,6 +103,7 @@ impl fmt::Display for Fault {
             Fault::WitnessDown => write!(f, "witness down"),
             Fault::WitnessUp => write!(f, "witness up"),
             Fault::WitnessClock(ms) => write!(f, "witness clock steps {ms:+} ms"),
+            Fault::ForeignLease => write!(f, "another cluster writes its lease on the witness"),
             Fault::After(n, a, what) => {
                 write!(f, "{what:?} of {} right after its {a:?}", NAMES[*n])
             }
@@ -341,6 +345,18 @@ fn apply(w: &mut World, f: Fault) {
         Fault::WitnessDown => w.witness.down = true,
         Fault::WitnessUp => w.witness.down = false,
         Fault::WitnessClock(ms) => w.witness.offset += ms,
+        Fault::ForeignLease => {
+            let expires_at = w.witness.clock(w.now) + w.c.lease_ms() as i64;
+            w.witness.row = Some(model::Row {
+                holder: NAMES[1],
+                epoch: 7,
+                timeline: 9,
+                sync_standby: None,
+                expires_at,
+                promoting: false,
+                system_identifier: world::SYSTEM_IDENTIFIER + 1,
+            });
+        }
         Fault::After(n, a, what) => w.after_action.push((n, a, what)),
     }
 }
@@ -354,6 +370,14 @@ fn heal(w: &mut World) {
         w.repl = Link::Up;
     }
     w.witness.down = false;
+    // The operator removes another cluster's lease (the keepers' warning says how).
+    if w.witness
+        .row
+        .as_ref()
+        .is_some_and(|r| r.system_identifier != world::SYSTEM_IDENTIFIER)
+    {
+        w.witness.row = None;
+    }
     w.after_action.clear();
     for n in 0..2 {
         w.servers[n].frozen = false;
@@ -390,6 +414,7 @@ fn episodes(set: FaultSet, n: usize, clock_step: i64) -> Vec<(Fault, Option<Faul
             ));
         }
         kinds.push((Fault::WitnessDown, Some(Fault::WitnessUp)));
+        kinds.push((Fault::ForeignLease, None));
     }
     if set.clock {
         kinds.push((Fault::WitnessClock(clock_step), None));

@@ -201,6 +201,8 @@ pub struct Row {
     pub expires_at: i64,
     /// Taken by a standby to promote; cleared by its first renewal as a primary.
     pub promoting: bool,
+    /// The cluster whose lease this is.
+    pub system_identifier: u64,
 }
 
 /// The witness server: one row, its own clock, and the statements of `src/witness.rs`.
@@ -217,17 +219,29 @@ impl Witness {
         now as i64 + self.offset
     }
 
-    fn answer(&self, now: Ms, mine: bool) -> Option<LeaseRow> {
+    /// Past its expiry, or further ahead than a renewal of `lease_ms` can put it (the clock
+    /// stepped back after the renewal): `expired()` in `src/witness.rs`.
+    fn expired(r: &Row, clock: i64, lease_ms: u64) -> bool {
+        r.expires_at < clock || r.expires_at > clock + lease_ms as i64
+    }
+
+    /// A row of another cluster, or one this cluster may change.
+    fn ours(r: &Row, system_identifier: u64) -> bool {
+        r.system_identifier == system_identifier
+    }
+
+    fn answer(&self, now: Ms, mine: bool, lease_ms: u64) -> Option<LeaseRow> {
         let clock = self.clock(now);
         self.row.as_ref().map(|r| LeaseRow {
             holder: r.holder.to_string(),
             epoch: r.epoch,
             timeline: r.timeline,
             sync_standby: r.sync_standby.map(str::to_string),
-            expired: r.expires_at < clock,
+            expired: Self::expired(r, clock, lease_ms),
             ms_left: r.expires_at - clock,
             mine,
             promoting: r.promoting,
+            system_identifier: Some(r.system_identifier.to_string()),
         })
     }
 
@@ -240,6 +254,7 @@ impl Witness {
         timeline: u32,
         sync: Option<&'static str>,
         lease_ms: u64,
+        system_identifier: u64,
         now: Ms,
     ) -> Option<LeaseRow> {
         let clock = self.clock(now);
@@ -251,29 +266,31 @@ impl Witness {
             sync_standby: sync,
             expires_at: clock + lease_ms as i64,
             promoting: false,
+            system_identifier,
         };
         match &self.row {
             None => {
                 self.row = Some(new_row(1));
-                self.answer(now, true)
+                self.answer(now, true, lease_ms)
             }
             Some(r) => {
                 let renew = r.holder == me && r.timeline <= tl;
-                let take_over = r.holder != me && r.timeline < tl && r.expires_at < clock;
-                if renew || take_over {
+                let take_over =
+                    r.holder != me && r.timeline < tl && Self::expired(r, clock, lease_ms);
+                if Self::ours(r, system_identifier) && (renew || take_over) {
                     let epoch = if r.holder == me { r.epoch } else { r.epoch + 1 };
                     self.row = Some(new_row(epoch));
-                    self.answer(now, true)
+                    self.answer(now, true, lease_ms)
                 } else {
-                    self.answer(now, false)
+                    self.answer(now, false, lease_ms)
                 }
             }
         }
     }
 
     /// A standby's look at the lease.
-    pub fn read(&self, now: Ms) -> Option<LeaseRow> {
-        self.answer(now, false)
+    pub fn read(&self, lease_ms: u64, now: Ms) -> Option<LeaseRow> {
+        self.answer(now, false, lease_ms)
     }
 
     /// The standby's take-over (`take_sql`): only a lease it holds, or an expired one that
@@ -283,12 +300,14 @@ impl Witness {
         me: &'static str,
         timeline: u32,
         lease_ms: u64,
+        system_identifier: u64,
         now: Ms,
     ) -> Option<LeaseRow> {
         let clock = self.clock(now);
         let r = self.row.as_ref()?;
-        let may = r.holder == me || (r.expires_at < clock && r.sync_standby == Some(me));
-        if !may {
+        let may =
+            r.holder == me || (Self::expired(r, clock, lease_ms) && r.sync_standby == Some(me));
+        if !Self::ours(r, system_identifier) || !may {
             return None;
         }
         let epoch = if r.holder == me { r.epoch } else { r.epoch + 1 };
@@ -299,7 +318,8 @@ impl Witness {
             sync_standby: None,
             expires_at: clock + lease_ms as i64,
             promoting: true,
+            system_identifier,
         });
-        self.answer(now, true)
+        self.answer(now, true, lease_ms)
     }
 }

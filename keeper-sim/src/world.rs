@@ -38,6 +38,8 @@ pub struct Config {
     pub stream_keepalive_ms: Ms,
     /// Check (c) at the end of a run.
     pub check_liveness: bool,
+    /// A node whose `pg_keeper.witness_conninfo` is not set while the other's is.
+    pub without_witness: Option<usize>,
 }
 
 impl Default for Config {
@@ -57,11 +59,17 @@ impl Default for Config {
             stream_timeout_ms: 60_000,
             stream_keepalive_ms: 30_000,
             check_liveness: true,
+            without_witness: None,
         }
     }
 }
 
 impl Config {
+    /// Whether node n has a witness configured.
+    pub fn has_witness(&self, n: usize) -> bool {
+        self.witness && self.without_witness != Some(n)
+    }
+
     pub fn lease_ms(&self) -> u64 {
         lease_time_ms(self.keepalive_ms, self.keepalive_count)
     }
@@ -102,6 +110,8 @@ struct PeerFacts {
     timeline: u32,
     /// The sync_state it shows for the asking standby, if that one streams.
     sync_state_of_asker: Option<&'static str>,
+    /// Its witness setting is not empty.
+    uses_witness: bool,
 }
 
 /// The background worker of one server.
@@ -171,11 +181,17 @@ pub struct World {
     pub trace: Option<Vec<String>>,
     /// The trace counts time from here (the start of a schedule's faults).
     pub epoch: Ms,
+    /// The last reason each node could not use the witness, logged once per change as the
+    /// worker warns.
+    witness_problem: [Option<String>; 2],
     /// A crash or worker restart to inject right after a node performs an action.
     pub after_action: Vec<(usize, Action, crate::AfterAction)>,
 }
 
 pub const NAMES: [&str; 2] = ["node1", "node2"];
+
+/// The pair's `system_identifier` (a standby made by a base backup shares its primary's).
+pub const SYSTEM_IDENTIFIER: u64 = 7_000_000_000_000_000_001;
 
 impl World {
     /// node1 primary, node2 its synchronous standby, both keepers connected, the lease (with a
@@ -196,6 +212,7 @@ impl World {
             rng: crate::Rng::new(seed),
             trace: None,
             epoch: 0,
+            witness_problem: [None, None],
             after_action: Vec::new(),
         };
         // Settle: both keepers connected and synchronous.
@@ -497,6 +514,7 @@ impl World {
             in_recovery: peer.in_recovery,
             timeline: peer.timeline,
             sync_state_of_asker: sync_state,
+            uses_witness: self.c.has_witness(1 - n),
         };
         (Some(Heartbeat::Answered), Some(facts), 0)
     }
@@ -516,7 +534,7 @@ impl World {
             tick.insert_lsn,
             tick.standby,
         );
-        if self.c.witness && (primary || standby) {
+        if self.c.has_witness(n) && (primary || standby) {
             let timeline = self.servers[n].timeline;
             let lease_ms = self.c.lease_ms();
             let me = NAMES[n];
@@ -527,10 +545,11 @@ impl World {
                         timeline,
                         sync_standby_now.then_some(NAMES[1 - n]),
                         lease_ms,
+                        SYSTEM_IDENTIFIER,
                         now,
                     )
                 } else {
-                    wt.read(now)
+                    wt.read(lease_ms, now)
                 }
             });
             tick.lease = match result {
@@ -572,7 +591,21 @@ impl World {
         if self.witness.down {
             return Err(("connection refused".into(), 0));
         }
-        Ok(f(&mut self.witness, self.now))
+        // Another cluster's row is never obeyed (src/witness.rs).
+        let result = match f(&mut self.witness, self.now) {
+            Some(row) => match row.foreign(&SYSTEM_IDENTIFIER.to_string()) {
+                Some(why) => Err((why, 0)),
+                None => Ok(Some(row)),
+            },
+            None => Ok(None),
+        };
+        let problem = result.as_ref().err().map(|(why, _)| why.clone());
+        if problem.is_some() && problem != self.witness_problem[n] {
+            let why = problem.clone().unwrap_or_default();
+            self.say(|| format!("{}: cannot use the witness: {why}", NAMES[n]));
+        }
+        self.witness_problem[n] = problem;
+        result
     }
 
     fn tick_decide(&mut self, n: usize, tick: Partial) {
@@ -594,6 +627,9 @@ impl World {
                 .map(|f| matches!(f.sync_state_of_asker, Some("sync" | "quorum"))),
             peer_newer_primary: facts
                 .is_some_and(|f| !in_recovery && !f.in_recovery && f.timeline > my_timeline),
+            peer_uses_witness: facts
+                .filter(|f| in_recovery && !f.in_recovery)
+                .map(|f| f.uses_witness),
             lease: tick.lease,
         };
         self.decide(n, Input::Tick(obs));
@@ -692,8 +728,11 @@ impl World {
                 self.stop(n);
                 Ok(())
             }
-            Action::ReleaseStandby if self.c.witness => {
-                match self.witness_call(n, |wt, now| wt.claim(me, timeline, None, lease_ms, now)) {
+            Action::ReleaseStandby if self.c.has_witness(n) => {
+                let released = |wt: &mut Witness, now| {
+                    wt.claim(me, timeline, None, lease_ms, SYSTEM_IDENTIFIER, now)
+                };
+                match self.witness_call(n, released) {
                     Ok(Some(row)) if row.mine => Ok(()),
                     Ok(Some(row)) => Err(format!("not the holder: {}", row.describe())),
                     Ok(None) => Err("the witness holds no lease".into()),
@@ -703,8 +742,10 @@ impl World {
                     }
                 }
             }
-            Action::TakeLease if self.c.witness => {
-                match self.witness_call(n, |wt, now| wt.take(me, timeline, lease_ms, now)) {
+            Action::TakeLease if self.c.has_witness(n) => {
+                let taken =
+                    |wt: &mut Witness, now| wt.take(me, timeline, lease_ms, SYSTEM_IDENTIFIER, now);
+                match self.witness_call(n, taken) {
                     Ok(Some(_)) => Ok(()),
                     Ok(None) => Err("the lease is not expired or does not name this node".into()),
                     Err((why, after)) => {

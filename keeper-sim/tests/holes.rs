@@ -135,3 +135,75 @@ fn hole_2_a_primary_whose_worker_restarts_while_the_standby_is_lost_still_switch
     let budget = c.keepalive_ms * c.keepalive_count as u64;
     assert!(stall <= budget + 1000, "commits waited {stall} ms\n{trace}");
 }
+
+/// Hole 3: the witness row was not tied to the pair. Another cluster's lease (a second pair in
+/// the same witness database) named this pair's node2 on a newer timeline: node1 took itself for
+/// superseded and fenced itself, and node2 took the lease for its own. Now every statement
+/// compares the cluster's system identifier and such a row is never obeyed: nothing fails over,
+/// nothing is fenced, and the pair cannot use the witness until the row is its own again.
+#[test]
+fn hole_3_another_clusters_lease_is_never_obeyed() {
+    let s = Schedule {
+        seed: 6,
+        faults: vec![(1000, Fault::ForeignLease)],
+        heal_at: 8000,
+    };
+    let out = run(&Config::default(), &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    assert!(
+        !trace.contains("fence") && !trace.contains("promot"),
+        "{trace}"
+    );
+    assert!(trace.contains("belongs to another cluster"), "{trace}");
+}
+
+/// Hole 3: a standby without `pg_keeper.witness_conninfo` beside a primary that has one. Cut
+/// off from each other, the primary keeps its lease and goes on asynchronously; the standby,
+/// with no lease to take, promoted too: two primaries. The primary's heartbeat answer now says
+/// it uses a witness, and such a standby does not promote.
+#[test]
+fn hole_3_a_standby_without_the_witness_of_its_primary_does_not_promote() {
+    let c = Config {
+        without_witness: Some(1),
+        ..Config::default()
+    };
+    let s = Schedule {
+        seed: 7,
+        faults: vec![
+            (1000, Fault::Heartbeat(0, Link::Drop)),
+            (1000, Fault::Heartbeat(1, Link::Drop)),
+            (1000, Fault::Replication(Link::Drop)),
+        ],
+        heal_at: 15_000,
+    };
+    let out = run(&c, &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    assert!(trace.contains("but this standby does not"), "{trace}");
+}
+
+/// Hole 10: the witness's clock stepped back after a renewal put the lease far ahead of it, and
+/// a standby waited for the whole step before it could take the lease of a dead primary. A
+/// lease further ahead than a renewal can put it now counts as expired.
+#[test]
+fn hole_10_a_lease_further_ahead_than_a_renewal_can_put_it_counts_as_expired() {
+    let c = Config::default();
+    let s = Schedule {
+        seed: 10,
+        faults: vec![
+            (1000, Fault::Crash(0)),
+            (1500, Fault::WitnessClock(-60_000)),
+        ],
+        heal_at: 20_000,
+    };
+    let out = run(&c, &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    let first_on_node2 = out.acks.iter().find(|a| a.node == 1).map(|a| a.at);
+    let budget = c.keepalive_ms * c.keepalive_count as u64;
+    assert!(
+        first_on_node2.is_some_and(|t| t <= 1000 + budget + c.lease_ms() + 1000),
+        "node2 first acknowledged at {first_on_node2:?} ms\n{trace}"
+    );
+}
