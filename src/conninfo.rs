@@ -47,6 +47,37 @@ impl Conninfo {
         }
     }
 
+    /// Why a keeper must not use this connection string, if it must not: anything that lets
+    /// libpq pick among servers, or that is not a plain session, would let a heartbeat or a
+    /// lease statement reach some other server than the one meant, and so silently disable
+    /// (or misdirect) failover.
+    pub fn failover_hazard(&self) -> Option<String> {
+        for key in ["host", "hostaddr", "port"] {
+            if self.get(key).is_some_and(|v| v.contains(',')) {
+                return Some(format!(
+                    "It names several servers ({key}=...,...); the keeper must reach exactly one server through it."
+                ));
+            }
+        }
+        for (key, harmless) in [
+            ("target_session_attrs", "any"),
+            ("load_balance_hosts", "disable"),
+        ] {
+            if self.get(key).is_some_and(|v| v != harmless) {
+                return Some(format!(
+                    "It sets {key}, which lets libpq choose among servers; name one server instead."
+                ));
+            }
+        }
+        if self.get("replication").is_some() {
+            return Some(
+                "It sets replication=; the keeper needs an ordinary session, not a replication connection."
+                    .into(),
+            );
+        }
+        None
+    }
+
     pub fn get(&self, keyword: &str) -> Option<&str> {
         self.pairs
             .iter()

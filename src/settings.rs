@@ -199,7 +199,13 @@ unsafe fn check_detail(detail: &str) {
 /// Parses a conninfo being set; on failure, gives the reason as the rejection's detail.
 unsafe fn parse_for_check(value: &str) -> Option<conninfo::Conninfo> {
     match conninfo::Conninfo::parse(value) {
-        Ok(p) => Some(p),
+        Ok(p) => match p.failover_hazard() {
+            Some(why) => {
+                check_detail(&why);
+                None
+            }
+            None => Some(p),
+        },
         Err(why) => {
             check_detail(&format!("The connection string does not parse: {why}"));
             None
@@ -413,15 +419,11 @@ impl Settings {
         string_setting(&DATABASE).unwrap_or_else(|| "postgres".into())
     }
 
-    /// How long a lease renewal is valid on the witness's clock: (keepalive_count + 2) x
-    /// keepalive_time. A live primary renews it every keepalive_time, and a renewal can take up
-    /// to a keepalive_time after a heartbeat that took as long, so it never lapses between
-    /// renewals; a standby that has counted keepalive_count failures waits at most about two
-    /// more intervals for it to expire.
+    /// How long a lease renewal is valid on the witness's clock (see
+    /// [`keeper_core::lease_time_ms`]: three keepalive_times and a margin).
     pub fn lease_time(&self) -> Duration {
         Duration::from_millis(keeper_core::lease_time_ms(
-            self.keepalive_time.as_millis() as u64,
-            self.keepalive_count,
+            self.keepalive_time.as_millis() as u64
         ))
     }
 

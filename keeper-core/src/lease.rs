@@ -77,7 +77,18 @@ impl LeaseRow {
     }
 }
 
-/// How long a lease lasts on the witness's clock, in milliseconds.
-pub fn lease_time_ms(keepalive_time_ms: u64, keepalive_count: u32) -> u64 {
-    keepalive_time_ms.saturating_mul(keepalive_count as u64 + 2)
+/// The margin of [`lease_time_ms`] over three intervals.
+pub const LEASE_MARGIN_MS: u64 = 200;
+
+/// How long a lease lasts on the witness's clock, in milliseconds: three `keepalive_time`s and
+/// a margin, whatever `keepalive_count`. A live primary renews at least that often: a tick
+/// starts every interval, and its heartbeat and its renewal each answer within one interval or
+/// give up, so two successful renewals are at most three intervals apart; the margin covers the
+/// worker's scheduling and the statement's round trip. Safety does not rest on this length
+/// (the compare-and-set does); it only decides how soon the standby of a dead primary may take
+/// over, which is then about when it has counted its failures anyway.
+pub fn lease_time_ms(keepalive_time_ms: u64) -> u64 {
+    keepalive_time_ms
+        .saturating_mul(3)
+        .saturating_add(LEASE_MARGIN_MS)
 }

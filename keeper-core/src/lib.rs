@@ -11,7 +11,7 @@ use std::fmt;
 
 mod lease;
 mod trust;
-pub use lease::{lease_time_ms, LeaseRow};
+pub use lease::{lease_time_ms, LeaseRow, LEASE_MARGIN_MS};
 pub use trust::{StandbySeen, SyncTrust};
 
 /// What the keeper is doing. The process title, the log and the status all show this one value.

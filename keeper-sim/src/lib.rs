@@ -73,7 +73,7 @@ pub enum Fault {
     Heartbeat(usize, Link),
     /// The replication stream.
     Replication(Link),
-    /// Node n's path to the witness.
+    /// Node n's path to the witness (`Slow`: each statement arrives late, within the deadline).
     WitnessPath(usize, Link),
     WitnessDown,
     WitnessUp,
@@ -407,7 +407,7 @@ fn episodes(set: FaultSet, n: usize, clock_step: i64) -> Vec<(Fault, Option<Faul
         }
     }
     if set.witness {
-        for l in cuts {
+        for l in [Link::Drop, Link::Swallow, Link::Slow] {
             kinds.push((
                 Fault::WitnessPath(n, l),
                 Some(Fault::WitnessPath(n, Link::Up)),

@@ -207,3 +207,69 @@ fn hole_10_a_lease_further_ahead_than_a_renewal_can_put_it_counts_as_expired() {
         "node2 first acknowledged at {first_on_node2:?} ms\n{trace}"
     );
 }
+
+/// Hole 9: the lease lasted (keepalive_count + 2) intervals, so with a witness a primary crash
+/// cost up to that long, far more than the failure budget. It is now three intervals and a
+/// margin whatever the count: about the budget at `1s x 3`.
+#[test]
+fn hole_9_failover_with_a_witness_costs_little_more_than_without() {
+    let first_write_on_node2 = |witness: bool| {
+        let c = Config {
+            witness,
+            ..Config::default()
+        };
+        let s = Schedule {
+            seed: 9,
+            faults: vec![(1000, Fault::Crash(0))],
+            heal_at: 20_000,
+        };
+        let out = run(&c, &s, true);
+        assert!(out.violation.is_none(), "{}", out.trace.join("\n"));
+        out.acks.iter().find(|a| a.node == 1).map(|a| a.at - 1000)
+    };
+    let (with, without) = (first_write_on_node2(true), first_write_on_node2(false));
+    let (with, without) = (with.expect("failed over"), without.expect("failed over"));
+    let c = Config::default();
+    assert_eq!(
+        c.lease_ms(),
+        3 * c.keepalive_ms + keeper_core::LEASE_MARGIN_MS
+    );
+    // Without: (count - 1) intervals after the closed connection. With: the lease's expiry,
+    // renewed up to an interval before the crash.
+    assert!(
+        with <= c.lease_ms() + 500,
+        "with a witness: {with} ms, without: {without} ms"
+    );
+    assert!(
+        with <= without + c.keepalive_ms + 1000,
+        "with a witness: {with} ms, without: {without} ms"
+    );
+}
+
+/// Hole 9: the shorter lease must not lapse under a live primary whose calls are slow: its
+/// heartbeats time out (cut both ways) and each renewal reaches the witness late. The standby
+/// never gets the lease, so nothing fails over.
+#[test]
+fn hole_9_a_live_primary_with_slow_calls_keeps_its_lease() {
+    let s = Schedule {
+        seed: 19,
+        faults: vec![
+            (1000, Fault::Heartbeat(0, Link::Swallow)),
+            (1000, Fault::Heartbeat(1, Link::Swallow)),
+            (1000, Fault::Replication(Link::Drop)),
+            (1000, Fault::WitnessPath(0, Link::Slow)),
+        ],
+        heal_at: 30_000,
+    };
+    let out = run(&Config::default(), &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    assert!(
+        !trace.contains("TakeLease done") && !trace.contains("fence"),
+        "{trace}"
+    );
+    assert!(
+        trace.contains("switching to asynchronous replication"),
+        "{trace}"
+    );
+}
