@@ -53,7 +53,10 @@ impl AfterCommands {
         ctx: &Context,
         timeout: Duration,
     ) -> Result<u32, String> {
-        let child = Command::new("/bin/sh")
+        let mut cmd = Command::new("/bin/sh");
+        // SAFETY: reset_for_exec makes only async-signal-safe calls.
+        unsafe { cmd.pre_exec(crate::sys::reset_for_exec) };
+        let child = cmd
             .arg("-c")
             .arg(command)
             .env_remove("PGPASSWORD")

@@ -239,6 +239,24 @@ impl Node {
     /// Reads whatever arrived on the idle kept connection, and says whether the node closed it
     /// and how: a connection lost without a shutdown announcement is evidence that the node's
     /// server is gone.
+    /// The host and port of the server the kept connection is on, as libpq connected it (for a
+    /// host name: the name; a conninfo can differ from where the connection went).
+    pub fn live_address(&self) -> Option<(String, String)> {
+        if self.conn.is_null() {
+            return None;
+        }
+        // SAFETY: a live PGconn; libpq returns strings it owns (or NULL).
+        unsafe {
+            if pq::PQstatus(self.conn) != pq::ConnStatusType::CONNECTION_OK {
+                return None;
+            }
+            let text = |p: *const c_char| {
+                (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+            };
+            Some((text(pq::PQhost(self.conn))?, text(pq::PQport(self.conn))?))
+        }
+    }
+
     pub fn check_connection(&mut self) -> Connection {
         if self.conn.is_null() {
             return Connection::Lost;

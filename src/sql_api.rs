@@ -116,11 +116,20 @@ fn pg_keeper_events() -> TableIterator<
     TableIterator::new(rows)
 }
 
-/// Wakes the worker so that it sees a pause or resume at once.
+/// Wakes the worker so that it sees a pause or resume at once: by its latch, and only if the
+/// pid recorded is still a server process (a signal to a pid the system has since given to
+/// another program could kill it).
 fn wake_worker() {
     let pid = status::snapshot().worker_pid;
     if pid > 0 {
-        let _ = crate::sys::signal(pid, crate::sys::SIGUSR1);
+        // SAFETY: BackendPidGetProc returns a live PGPROC or NULL; SetLatch may be called on
+        // any process's latch.
+        unsafe {
+            let proc_ = pg_sys::BackendPidGetProc(pid);
+            if !proc_.is_null() {
+                pg_sys::SetLatch(&raw mut (*proc_).procLatch);
+            }
+        }
     }
 }
 

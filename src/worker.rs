@@ -59,6 +59,8 @@ pub extern "C-unwind" fn pg_keeper_main(_arg: pg_sys::Datum) {
     let mut worker = Worker::new();
     worker.run();
     worker.log(Level::Log, "stopping", None);
+    // No one may signal this pid once it is gone (it can be given to another program).
+    status::publish(|s| s.worker_pid = 0);
     // A non-zero exit makes the postmaster start the worker again (after pg_terminate_backend,
     // say); when the server itself is shutting down it is not restarted.
     unsafe { pg_sys::proc_exit(1) };
@@ -943,6 +945,12 @@ impl Worker {
         };
         let me = Conninfo::parse(&id.me_conninfo)?;
         let peer = Conninfo::parse(&id.peer_conninfo)?;
+        // Where the heartbeats really go, when connected; else what the conninfo says.
+        let (peer_host, peer_port) = self
+            .peer
+            .as_ref()
+            .and_then(|p| p.live_address())
+            .unwrap_or_else(|| (peer.host(), peer.port()));
         let ctx = Context {
             event: event.as_str(),
             node_name: id.me_name.to_string(),
@@ -951,8 +959,8 @@ impl Worker {
             node_port: me.port(),
             peer_name: id.peer_name.to_string(),
             peer_conninfo: peer.redacted(),
-            peer_host: peer.host(),
-            peer_port: peer.port(),
+            peer_host,
+            peer_port,
             timeline: actuators::timeline(),
         };
         let pid = self
