@@ -50,6 +50,8 @@ pub struct Standby {
     pub lag_bytes: Option<i64>,
     /// The standby's flush position, as an LSN; `None` before it has reported.
     pub flush_lsn: Option<u64>,
+    /// Milliseconds since the standby's last reply on the stream; `None` before its first.
+    pub reply_age_ms: Option<i64>,
 }
 
 impl Standby {
@@ -68,7 +70,8 @@ pub fn streaming_standbys() -> Result<Vec<Standby>, String> {
                 .select(
                     "SELECT application_name::text, sync_state::text, \
                             pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), flush_lsn)::int8, \
-                            pg_catalog.pg_wal_lsn_diff(flush_lsn, '0/0')::int8 \
+                            pg_catalog.pg_wal_lsn_diff(flush_lsn, '0/0')::int8, \
+                            (extract(epoch FROM pg_catalog.clock_timestamp() - reply_time) * 1000)::int8 \
                      FROM pg_catalog.pg_stat_replication WHERE state = 'streaming' \
                        AND application_name <> 'pg_basebackup' \
                      ORDER BY application_name",
@@ -87,11 +90,37 @@ pub fn streaming_standbys() -> Result<Vec<Standby>, String> {
                         .get::<i64>(4)
                         .map_err(|e| e.to_string())?
                         .map(|l| l as u64),
+                    reply_age_ms: row.get::<i64>(5).map_err(|e| e.to_string())?,
                 });
             }
             Ok(out)
         })
     })
+}
+
+/// Primary only: writes a small WAL record (a non-transactional logical message, which needs no
+/// transaction id and works at wal_level replica) and flushes it, so that the standby's WAL
+/// receiver hears from this primary, and replies to it, on every tick even when nothing else is
+/// written: both sides' replication evidence then holds on an idle pair.
+pub fn pulse() -> Result<(), String> {
+    let lsn = in_transaction(|| {
+        Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT pg_catalog.pg_wal_lsn_diff( \
+                        pg_catalog.pg_logical_emit_message(false, 'pg_keeper', ''), '0/0')::int8",
+                    Some(1),
+                    &[],
+                )
+                .map_err(|e| e.to_string())?;
+            rows.first().get_one::<i64>().map_err(|e| e.to_string())
+        })
+    })?;
+    if let Some(lsn) = lsn {
+        // SAFETY: flushing WAL up to a position this server wrote.
+        unsafe { pg_sys::XLogFlush(lsn as u64) };
+    }
+    Ok(())
 }
 
 /// Standby only: whether the WAL receiver streams and heard from the primary within `window_ms`.

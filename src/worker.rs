@@ -33,6 +33,8 @@ struct ReplicationSummary {
     insert_lsn: u64,
     /// The peer standby's row, if it streams.
     peer: Option<keeper_core::StandbySeen>,
+    /// The peer standby replied on its stream within the failure window.
+    peer_replies_recent: bool,
 }
 
 /// A promotion request is made again after this while the server is still in recovery: the
@@ -373,6 +375,15 @@ impl Worker {
         } else {
             ReplicationSummary::default()
         };
+        if view.streaming {
+            if let Err(why) = db::pulse() {
+                self.note_once(
+                    Level::Warning,
+                    format!("could not write the keeper's WAL pulse: {why}"),
+                    Some("Without it, an idle pair's replication evidence can look stale."),
+                );
+            }
+        }
         let asker = if in_recovery {
             own_application_name()
         } else {
@@ -435,6 +446,7 @@ impl Worker {
             standby_streaming: view.streaming,
             heartbeat: beat.as_ref().and_then(Beat::for_core),
             restore_wanted: self.settings.sync_restore && Settings::saved_sync_names().is_some(),
+            standby_replies_recent: view.peer_replies_recent,
             standby_caught_up: view.caught_up,
             wal_receiver_recent,
             // Not listed as streaming by the primary means not synchronous.
@@ -678,11 +690,15 @@ impl Worker {
         }
     }
 
+    /// `keepalive_time x keepalive_count`, in milliseconds: how recent replication evidence
+    /// must be to count.
+    fn failure_window_ms(&self) -> i64 {
+        self.settings.keepalive_time.as_millis() as i64 * self.settings.keepalive_count as i64
+    }
+
     /// Whether this standby's WAL receiver heard from the primary within the failure window.
     fn wal_receiver_recent(&mut self) -> bool {
-        let window =
-            self.settings.keepalive_time.as_millis() as i64 * self.settings.keepalive_count as i64;
-        match db::wal_receiver_recent(window) {
+        match db::wal_receiver_recent(self.failure_window_ms()) {
             Ok(recent) => recent,
             Err(why) => {
                 self.note_once(
@@ -761,7 +777,11 @@ impl Worker {
             } else {
                 None
             });
+        let window = self.failure_window_ms();
         ReplicationSummary {
+            peer_replies_recent: peer_row
+                .and_then(|s| s.reply_age_ms)
+                .is_some_and(|age| age <= window),
             sync_in_force,
             insert_lsn,
             peer: peer_row.and_then(|s| {

@@ -213,8 +213,13 @@ pub struct Observation {
     pub restore_wanted: bool,
     /// (Primary only.) A streaming standby is within `pg_keeper.sync_restore_lag`.
     pub standby_caught_up: bool,
+    /// (Primary only.) The standby's replication replied within the failure window
+    /// (`pg_stat_replication.reply_time`): it is alive and confirms WAL, whatever the heartbeat
+    /// says. The primary writes a small WAL record every tick, so this holds on an idle pair too.
+    pub standby_replies_recent: bool,
     /// (Standby only.) The WAL receiver streams and heard from the primary within the failure
-    /// window (`keepalive_time x keepalive_count`): the primary is alive.
+    /// window (`keepalive_time x keepalive_count`): the primary is alive. The primary's keeper
+    /// writes a small WAL record every tick, so this holds on an idle pair too.
     pub wal_receiver_recent: bool,
     /// (Standby only.) What the primary's answer said of this standby: synchronous (true), not
     /// synchronous (false), or nothing (None).
@@ -367,6 +372,7 @@ pub const TRANSITIONS: &[Transition] = &[
     row(MasterConnected, E::HeartbeatFailed, MasterConnected, NONE, Log, "heartbeat to standby {peer} failed"),
     row(MasterConnected, E::PeerLostSync, MasterAsync, ASYNC, Log, "standby {peer} lost; switching to asynchronous replication"),
     row(MasterConnected, E::PeerLostAsync, MasterAsync, NONE, Log, "standby {peer} lost; replication is already asynchronous, nothing to switch"),
+    row(MasterConnected, E::PeerLostButStreaming, MasterConnected, NONE, Log, "not switching to asynchronous replication: standby {peer} does not answer heartbeats but its replication still confirms WAL"),
     row(MasterConnected, E::PeerLostNoLease, MasterConnected, NONE, Warn, "not switching to asynchronous replication: standby {peer} is lost but this primary could not renew its lease on the witness, so commits wait for the standby"),
     row(MasterAsync, E::ReleaseFailed, MasterConnected, NONE, Warn, "not switching to asynchronous replication: could not record on the witness that no standby is synchronous; will retry"),
     row(MasterAsync, E::DegradeFailed, MasterConnected, NONE, Warn, "could not switch to asynchronous replication; will retry"),
@@ -491,6 +497,7 @@ impl Decision {
             E::RecoveryEnded if self.from == Promoting => "promoted",
             E::RecoveryEnded => "promoted_outside",
             E::PromotionSlow => "promotion_slow",
+            E::PeerLostButStreaming if self.from == MasterConnected => "async_held",
             E::PeerLostButStreaming => "promotion_held",
             E::PeerLostNotSynchronous => "promotion_held",
             E::Superseded | E::SupersededByLease => "superseded",
@@ -741,6 +748,10 @@ impl Keeper {
                 if n < count {
                     (E::HeartbeatFailed, detail)
                 } else if self.mode == StandbyConnected && obs.wal_receiver_recent {
+                    (E::PeerLostButStreaming, detail)
+                } else if self.mode == MasterConnected && obs.standby_replies_recent {
+                    // Only the heartbeat path is broken: the standby still confirms WAL, so
+                    // commits are acknowledged and nothing needs switching.
                     (E::PeerLostButStreaming, detail)
                 } else if self.mode == StandbyConnected
                     && !self.was_synchronous

@@ -21,6 +21,7 @@ fn tick(now_ms: u64, in_recovery: bool, hb: Option<Heartbeat>) -> Input {
         heartbeat: hb,
         restore_wanted: false,
         standby_caught_up: false,
+        standby_replies_recent: false,
         wal_receiver_recent: false,
         peer_says_synchronous: in_recovery.then_some(true),
         peer_newer_primary: false,
@@ -431,6 +432,7 @@ fn every_row_is_reachable_from_some_input() {
                                     heartbeat: hb.clone(),
                                     restore_wanted: restore,
                                     standby_caught_up: restore,
+                                    standby_replies_recent: guard,
                                     wal_receiver_recent: guard,
                                     peer_says_synchronous: None,
                                     peer_newer_primary: guard,
@@ -487,6 +489,7 @@ fn catch_up_tick(now_ms: u64, caught_up: bool) -> Input {
         heartbeat: Some(Heartbeat::Answered),
         restore_wanted: true,
         standby_caught_up: caught_up,
+        standby_replies_recent: false,
         wal_receiver_recent: false,
         peer_says_synchronous: None,
         peer_newer_primary: false,
@@ -532,6 +535,7 @@ fn nothing_is_restored_when_not_wanted_or_already_synchronous() {
         standby_streaming: true,
         heartbeat: Some(Heartbeat::Answered),
         standby_caught_up: true,
+        standby_replies_recent: false,
         ..Observation::default()
     };
     assert!(k.step(&Input::Tick(obs.clone()), &s).actions.is_empty());
@@ -631,6 +635,7 @@ fn standby_tick(
         heartbeat: hb,
         restore_wanted: false,
         standby_caught_up: false,
+        standby_replies_recent: false,
         wal_receiver_recent: wal_recent,
         peer_says_synchronous: says_sync,
         peer_newer_primary: false,
@@ -756,6 +761,7 @@ fn a_standby_that_answers_but_does_not_stream_counts_as_a_failure_for_the_primar
             heartbeat: Some(Heartbeat::Answered),
             restore_wanted: false,
             standby_caught_up: false,
+            standby_replies_recent: false,
             wal_receiver_recent: false,
             peer_says_synchronous: None,
             peer_newer_primary: false,

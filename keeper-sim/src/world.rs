@@ -97,6 +97,7 @@ struct Partial {
     sync_in_force: bool,
     insert_lsn: u64,
     standby: Option<StandbySeen>,
+    replies_recent: bool,
     heartbeat: Option<Heartbeat>,
     peer: Option<PeerFacts>,
     wal_receiver_recent: bool,
@@ -191,6 +192,9 @@ pub struct World {
 }
 
 pub const NAMES: [&str; 2] = ["node1", "node2"];
+
+/// The id of the keeper's pulse records in the WAL (commits have ids from 1).
+pub const PULSE: u64 = 0;
 
 /// The pair's `system_identifier` (a standby made by a base backup shares its primary's).
 pub const SYSTEM_IDENTIFIER: u64 = 7_000_000_000_000_000_001;
@@ -453,6 +457,15 @@ impl World {
                 synchronous: sync_configured,
                 flush_lsn: snd.flush as u64,
             });
+        let window = self.c.keepalive_ms * self.c.keepalive_count as u64;
+        let replies_recent = srv
+            .sender
+            .as_ref()
+            .is_some_and(|snd| primary_view && now.saturating_sub(snd.last_reply) <= window);
+        if streaming {
+            // The keeper's pulse: a WAL record every tick (src/db.rs).
+            self.servers[n].wal.push(PULSE);
+        }
         let (heartbeat, peer, delay) = if mode.heartbeats() {
             self.heartbeat(n)
         } else {
@@ -467,6 +480,7 @@ impl World {
             sync_in_force,
             insert_lsn,
             standby,
+            replies_recent,
             heartbeat,
             peer,
             wal_receiver_recent: false,
@@ -633,6 +647,7 @@ impl World {
             heartbeat: tick.heartbeat.clone(),
             restore_wanted: self.servers[n].saved_sync,
             standby_caught_up: tick.caught_up,
+            standby_replies_recent: tick.replies_recent,
             wal_receiver_recent: tick.wal_receiver_recent,
             peer_says_synchronous: facts
                 .filter(|f| in_recovery && !f.in_recovery)

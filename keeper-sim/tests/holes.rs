@@ -15,24 +15,38 @@ fn expect_safe(s: &Schedule, passes_through: &str) {
 }
 
 /// Hole 1: after a return to synchronous replication the lease named the standby as soon as
-/// `sync_state` said `sync`, while it still lacked commits acknowledged asynchronously (here its
-/// replication stalled); a crash of the primary then promoted it without them. Found by the
-/// explorer (seed 11952) on the code before the fix, shrunk to these four faults.
+/// `sync_state` said `sync`, while it still lacked commits acknowledged asynchronously; a crash
+/// of the primary then promoted it without them. The explorer found it on the code before the
+/// fix (seed 11952: the primary's heartbeats dropped, so it went async, then replication
+/// stalled); since hole 5's fix that schedule no longer leads to a switch, so the one kept is
+/// the real-server test's: replication cut, then back over a slow link, far behind (a restore
+/// lag of 200 records, six seconds of that link), and the primary crashes just after the
+/// return to sync. With the trust rule taken out it loses 41 acknowledged commits.
 #[test]
 fn hole_1_restored_sync_is_not_trusted_before_the_standby_has_caught_up() {
-    expect_safe(
-        &Schedule {
-            seed: 11952,
-            faults: vec![
-                (1891, Fault::Heartbeat(0, Link::Drop)),
-                (6327, Fault::Replication(Link::Swallow)),
-                (7407, Fault::Heartbeat(0, Link::Up)),
-                (9473, Fault::Crash(0)),
-            ],
-            heal_at: 17737,
-        },
-        "restoring synchronous replication",
+    let c = Config {
+        sync_restore_lag: 200,
+        // Commits wait while the standby catches up over the slow link.
+        check_liveness: false,
+        ..Config::default()
+    };
+    let s = Schedule {
+        seed: 1,
+        faults: vec![
+            (1000, Fault::Replication(Link::Drop)),
+            (9000, Fault::Replication(Link::Slow)),
+            (12_000, Fault::Crash(0)),
+        ],
+        heal_at: 24_000,
+    };
+    let out = run(&c, &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    assert!(
+        trace.contains("restoring synchronous replication"),
+        "{s}\n{trace}"
     );
+    assert!(trace.contains("does not name this standby"), "{s}\n{trace}");
 }
 
 /// The longest time node `n` acknowledged nothing between `from` and `to` (ms from the start of
@@ -272,4 +286,60 @@ fn hole_9_a_live_primary_with_slow_calls_keeps_its_lease() {
         trace.contains("switching to asynchronous replication"),
         "{trace}"
     );
+}
+
+/// An idle pair: no client writes, only the keepers.
+fn idle() -> Config {
+    Config {
+        witness: false,
+        keepalive_count: 2,
+        client_ms: u64::MAX / 4,
+        // Nothing is written, so "the primary acknowledges commits" cannot be checked.
+        check_liveness: false,
+        ..Config::default()
+    }
+}
+
+/// Hole 6: on an idle pair the standby's WAL receiver hears nothing for up to the walsender's
+/// keepalive (30 s), so with only the standby's heartbeat path to the primary broken the guard
+/// "its WAL receiver still receives from it" lapsed and the standby promoted beside a live
+/// primary. The primary's keeper now writes a small WAL record every tick.
+#[test]
+fn hole_6_an_idle_standby_whose_heartbeats_alone_fail_does_not_promote() {
+    let s = Schedule {
+        seed: 61,
+        faults: vec![(1000, Fault::Heartbeat(1, Link::Swallow))],
+        heal_at: 15_000,
+    };
+    let out = run(&idle(), &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    assert!(
+        trace.contains("WAL receiver still receives from it"),
+        "{trace}"
+    );
+    assert!(!trace.contains("promoting this standby"), "{trace}");
+}
+
+/// Hole 5: the primary had no mirror of that guard: with only its heartbeat path to a healthy,
+/// streaming synchronous standby broken, it switched to async for good. The standby's replies on
+/// the replication stream now count as evidence of life (on an idle pair too, thanks to the
+/// pulse).
+#[test]
+fn hole_5_a_primary_whose_heartbeats_alone_fail_keeps_synchronous_replication() {
+    for c in [idle(), Config::default()] {
+        let s = Schedule {
+            seed: 51,
+            faults: vec![(1000, Fault::Heartbeat(0, Link::Swallow))],
+            heal_at: 15_000,
+        };
+        let out = run(&c, &s, true);
+        let trace = out.trace.join("\n");
+        assert!(out.violation.is_none(), "{s}\n{trace}");
+        assert!(
+            trace.contains("its replication still confirms WAL"),
+            "{trace}"
+        );
+        assert!(!trace.contains("DegradeToAsync"), "{trace}");
+    }
 }
