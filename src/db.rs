@@ -123,6 +123,30 @@ pub fn pulse() -> Result<(), String> {
     Ok(())
 }
 
+/// Primary only: terminates the sessions whose commits wait for synchronous replication
+/// (terminate, not cancel: a cancelled wait is reported to the client as a commit). Returns how
+/// many.
+pub fn end_waiting_commits() -> Result<i64, String> {
+    in_transaction(|| {
+        Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT count(*) FILTER (WHERE pg_catalog.pg_terminate_backend(pid))::int8 \
+                     FROM pg_catalog.pg_stat_activity \
+                     WHERE wait_event = 'SyncRep' AND pid <> pg_catalog.pg_backend_pid()",
+                    Some(1),
+                    &[],
+                )
+                .map_err(|e| e.to_string())?;
+            Ok(rows
+                .first()
+                .get_one::<i64>()
+                .map_err(|e| e.to_string())?
+                .unwrap_or(0))
+        })
+    })
+}
+
 /// Standby only: whether the WAL receiver streams and heard from the primary within `window_ms`.
 pub fn wal_receiver_recent(window_ms: i64) -> Result<bool, String> {
     in_transaction(|| {

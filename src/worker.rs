@@ -903,6 +903,16 @@ impl Worker {
                 Action::Fence => self.fence(),
                 Action::ReleaseStandby => self.release_standby(),
                 Action::TakeLease => self.take_lease(),
+                Action::EndWaitingCommits => db::end_waiting_commits().map(|n| {
+                    if n > 0 {
+                        self.event(
+                            "waiting_commits_ended",
+                            Level::Warning,
+                            &format!("ended {n} session(s) waiting for synchronous replication: neither the standby nor the witness can be reached, so their commits are not reported as done"),
+                            Some("Their transactions committed locally but may be lost in a failover; a client must treat a COMMIT without an answer, or one answered with the WARNING \"might not have been replicated to the standby\", as of unknown outcome."),
+                        );
+                    }
+                }),
                 Action::RunAfterCommand(event) => self.run_after_command(event),
             };
             match result {

@@ -131,6 +131,10 @@ pub enum Action {
     /// Take the witness lease (expired, naming this standby as synchronous) with a new epoch.
     /// Nothing to do without a witness.
     TakeLease,
+    /// End (terminate, not cancel) the sessions whose commits wait for the synchronous standby:
+    /// a cancelled wait is reported to the client as a commit, with only a WARNING that it might
+    /// not be replicated; a terminated session gets no answer to its COMMIT.
+    EndWaitingCommits,
     /// Start `pg_keeper.after_command` for this event (when one is set).
     RunAfterCommand(AfterEvent),
 }
@@ -140,7 +144,7 @@ impl Action {
     pub fn changes_the_cluster(&self) -> bool {
         matches!(
             self,
-            DegradeToAsync | Promote | RestoreSync | ReleaseStandby | TakeLease
+            DegradeToAsync | Promote | RestoreSync | ReleaseStandby | TakeLease | EndWaitingCommits
         )
     }
 }
@@ -290,6 +294,7 @@ pub enum Event {
     TakeFailed,
     FenceFailed,
     RestoreFailed,
+    EndWaitingFailed,
     /// The primary has not answered yet since this standby started; failover is not armed.
     PeerNotYetSeen,
     /// This standby took the lease to promote before a restart: it goes on with the promotion.
@@ -355,6 +360,9 @@ const PROMOTE: &[Action] = &[TakeLease, Promote, DegradeToAsync];
 const AFTER_PROMOTE: &[Action] = &[DegradeToAsync, RunAfterCommand(AfterEvent::Promote)];
 const RESTORE: &[Action] = &[RestoreSync, RunAfterCommand(AfterEvent::SyncRestored)];
 const FENCE: &[Action] = &[Fence];
+/// Neither the standby nor the witness: no commit may be reported as done, not even one whose
+/// wait a client cancels; every tick, the sessions waiting are ended.
+const END_WAITING: &[Action] = &[EndWaitingCommits];
 const NONE: &[Action] = &[];
 
 /// Every legal move of the keeper. A (mode, event) pair that is not here leaves the mode as it is
@@ -373,7 +381,8 @@ pub const TRANSITIONS: &[Transition] = &[
     row(MasterConnected, E::PeerLostSync, MasterAsync, ASYNC, Log, "standby {peer} lost; switching to asynchronous replication"),
     row(MasterConnected, E::PeerLostAsync, MasterAsync, NONE, Log, "standby {peer} lost; replication is already asynchronous, nothing to switch"),
     row(MasterConnected, E::PeerLostButStreaming, MasterConnected, NONE, Log, "not switching to asynchronous replication: standby {peer} does not answer heartbeats but its replication still confirms WAL"),
-    row(MasterConnected, E::PeerLostNoLease, MasterConnected, NONE, Warn, "not switching to asynchronous replication: standby {peer} is lost but this primary could not renew its lease on the witness, so commits wait for the standby"),
+    row(MasterConnected, E::PeerLostNoLease, MasterConnected, END_WAITING, Warn, "not switching to asynchronous replication: standby {peer} is lost but this primary could not renew its lease on the witness, so commits wait for the standby, and sessions already waiting are ended"),
+    row(MasterConnected, E::EndWaitingFailed, MasterConnected, NONE, Warn, "could not end the sessions waiting for synchronous replication"),
     row(MasterAsync, E::ReleaseFailed, MasterConnected, NONE, Warn, "not switching to asynchronous replication: could not record on the witness that no standby is synchronous; will retry"),
     row(MasterAsync, E::DegradeFailed, MasterConnected, NONE, Warn, "could not switch to asynchronous replication; will retry"),
     row(MasterConnected, E::StandbyCaughtUp, MasterConnected, RESTORE, Log, "standby {peer} has caught up; restoring synchronous replication"),
@@ -509,6 +518,7 @@ impl Decision {
             | E::FenceFailed
             | E::ReleaseFailed
             | E::TakeFailed
+            | E::EndWaitingFailed
             | E::AfterCommandFailed => "action_failed",
         }
     }
@@ -682,6 +692,7 @@ impl Keeper {
                     Fence => E::FenceFailed,
                     ReleaseStandby => E::ReleaseFailed,
                     TakeLease => E::TakeFailed,
+                    EndWaitingCommits => E::EndWaitingFailed,
                     RunAfterCommand(_) => E::AfterCommandFailed,
                 };
                 (e, why.clone())

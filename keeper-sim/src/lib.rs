@@ -171,6 +171,8 @@ pub struct Outcome {
     pub trace: Vec<String>,
     /// Every acknowledged commit, times counted from the start of the faults.
     pub acks: Vec<world::Ack>,
+    /// Commits a client cancelled and PostgreSQL reported committed with a WARNING.
+    pub warned: usize,
 }
 
 /// How long after the heal exactly one primary must stand.
@@ -310,6 +312,7 @@ pub fn run(c: &Config, s: &Schedule, trace: bool) -> Outcome {
                 ..a.clone()
             })
             .collect(),
+        warned: w.warned.len(),
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Server {
     pub sync_change_at: Option<Ms>,
     /// Commits inserted and waiting for the synchronous standby: (id, LSN).
     pub waiting: Vec<(u64, usize)>,
+    /// When the oldest waiting commit began to wait.
+    pub waiting_since: Ms,
     /// A promotion was requested and takes effect then.
     pub promote_at: Option<Ms>,
     /// (Standby.) The WAL receiver is connected.
@@ -90,6 +92,7 @@ impl Server {
             sync_in_force: true,
             sync_change_at: None,
             waiting: Vec::new(),
+            waiting_since: 0,
             promote_at: None,
             receiver_streaming: false,
             last_receipt: 0,

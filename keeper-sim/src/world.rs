@@ -38,6 +38,10 @@ pub struct Config {
     pub stream_keepalive_ms: Ms,
     /// Check (c) at the end of a run.
     pub check_liveness: bool,
+    /// A client cancels a commit that has waited this long for the synchronous standby (a
+    /// statement_timeout, a user's Ctrl-C); PostgreSQL then acknowledges it, committed locally,
+    /// with a WARNING.
+    pub client_cancel_ms: Option<Ms>,
     /// A node whose `pg_keeper.witness_conninfo` is not set while the other's is.
     pub without_witness: Option<usize>,
 }
@@ -59,6 +63,7 @@ impl Default for Config {
             stream_timeout_ms: 60_000,
             stream_keepalive_ms: 30_000,
             check_liveness: true,
+            client_cancel_ms: Some(10_000),
             without_witness: None,
         }
     }
@@ -177,6 +182,9 @@ pub struct World {
     /// `wit[n]`: node n's path to the witness.
     pub wit: [Link; 2],
     pub acks: Vec<Ack>,
+    /// Commits a client cancelled while they waited for the standby: PostgreSQL reports them
+    /// committed with a WARNING that they might not be replicated.
+    pub warned: Vec<Ack>,
     next_id: u64,
     next_client: Ms,
     rng: crate::Rng,
@@ -213,6 +221,7 @@ impl World {
             repl: Link::Up,
             wit: [Link::Up; 2],
             acks: Vec::new(),
+            warned: Vec::new(),
             next_id: 1,
             next_client: 0,
             rng: crate::Rng::new(seed),
@@ -367,6 +376,27 @@ impl World {
         self.next_client = self.now + self.c.client_ms;
         for n in 0..2 {
             let srv = &self.servers[n];
+            let cancel = self.c.client_cancel_ms.is_some_and(|ms| {
+                !srv.waiting.is_empty() && self.now.saturating_sub(srv.waiting_since) >= ms
+            });
+            if cancel && srv.running(self.now) {
+                // Committed locally and reported as a success with a WARNING that it might not
+                // be replicated: not an acknowledgment a client may count on (README).
+                let (tl, now) = (srv.timeline, self.now);
+                let cancelled: Vec<u64> = self.servers[n]
+                    .waiting
+                    .drain(..)
+                    .map(|(id, _)| id)
+                    .collect();
+                self.warned.extend(cancelled.into_iter().map(|id| Ack {
+                    id,
+                    node: n,
+                    timeline: tl,
+                    at: now,
+                }));
+                continue;
+            }
+            let srv = &self.servers[n];
             if !srv.writable(self.now) || !srv.waiting.is_empty() {
                 continue;
             }
@@ -377,6 +407,7 @@ impl World {
             if srv.sync_in_force {
                 let lsn = srv.wal.len();
                 srv.waiting.push((id, lsn));
+                srv.waiting_since = self.now;
             } else {
                 let tl = srv.timeline;
                 self.ack(n, id, tl);
@@ -780,6 +811,11 @@ impl World {
                         Err(why)
                     }
                 }
+            }
+            Action::EndWaitingCommits => {
+                // The sessions end without an answer to their COMMIT.
+                self.servers[n].waiting.clear();
+                Ok(())
             }
             Action::ReleaseStandby | Action::TakeLease | Action::RunAfterCommand(_) => Ok(()),
         }

@@ -343,3 +343,28 @@ fn hole_5_a_primary_whose_heartbeats_alone_fail_keeps_synchronous_replication() 
         assert!(!trace.contains("DegradeToAsync"), "{trace}");
     }
 }
+
+/// Hole 7: a client that cancels a commit waiting for the standby (a statement_timeout, say)
+/// gets it reported as done, with only a WARNING that it might not be replicated. A primary that
+/// can reach neither the standby nor the witness cannot switch to async and its commits wait;
+/// the standby takes the lease and promotes; every such "done" commit is lost. The keeper now
+/// ends the waiting sessions (terminate: no answer to the COMMIT) every tick in that state,
+/// before a client's cancel (here after 10 s) can turn a wait into a reported commit.
+#[test]
+fn hole_7_an_isolated_primary_ends_waiting_sessions_before_a_cancel_reports_them_done() {
+    let s = Schedule {
+        seed: 71,
+        faults: vec![
+            (1000, Fault::Heartbeat(0, Link::Drop)),
+            (1000, Fault::Heartbeat(1, Link::Drop)),
+            (1000, Fault::Replication(Link::Drop)),
+            (1000, Fault::WitnessPath(0, Link::Drop)),
+        ],
+        heal_at: 30_000,
+    };
+    let out = run(&Config::default(), &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    assert!(trace.contains("EndWaitingCommits done"), "{trace}");
+    assert_eq!(out.warned, 0, "commits reported done with a WARNING\n{trace}");
+}
