@@ -723,3 +723,109 @@ fn a_standby_that_refuses_and_does_not_stream_counts_as_lost() {
     assert_eq!(node1.sql("SELECT count(*) FROM t").unwrap(), "1");
     drop(sessions);
 }
+
+#[test]
+fn a_primary_keeper_restarted_while_the_standby_is_lost_still_switches_to_async() {
+    // 2s x 3: a 6 s budget, long enough to restart the primary's worker between the first
+    // failed heartbeat and the switch to async.
+    let budget = Duration::from_secs(2) * 3;
+    let pair = Pair::connected(
+        "restart-while-losing",
+        Options {
+            keepalive_time: "2s",
+            keepalive_count: 3,
+            ..Options::default()
+        },
+    );
+    let (node1, node2) = (&pair.node1, &pair.node2);
+    node1.sql("CREATE TABLE t (id int)").unwrap();
+
+    node2.kill9();
+    let killed = Instant::now();
+    // The first failed heartbeat: the primary has begun to count the standby's loss.
+    let first_failure = |log: &[String]| {
+        log.iter()
+            .any(|l| l.contains("heartbeat to standby") && l.contains("(1 of 3)"))
+    };
+    let counting = wait_until(Duration::from_secs(10), || {
+        first_failure(&node1.keeper_log())
+    });
+    assert!(
+        counting,
+        "node1 logged no first failed heartbeat to the dead standby:\n{}",
+        node1.keeper_log().join("\n")
+    );
+    let counted_after = killed.elapsed();
+
+    // Only the worker is restarted (SIGTERM: the postmaster starts a new one after a second;
+    // shared memory, and with it the keeper's memory, is kept).
+    let old_keeper = node1.keeper_pid().expect("node1's keeper runs");
+    let terminated = node1
+        .sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_keeper'")
+        .expect("pg_terminate_backend");
+    assert_eq!(terminated, "t", "no pg_keeper backend was terminated");
+    let terminated_after = killed.elapsed();
+
+    // A commit now waits for the dead synchronous standby (no statement timeout: a timeout
+    // would cancel it and report it committed).
+    let mut sessions = Sessions(vec![commit_in_background(
+        node1,
+        "INSERT INTO t VALUES (1)",
+    )]);
+    let back = wait_until(Duration::from_secs(15), || {
+        node1.keeper_pid().is_some_and(|p| p != old_keeper)
+    });
+    assert!(
+        back,
+        "node1's keeper did not come back after pg_terminate_backend"
+    );
+    node1.expect_log(
+        "the keeper worker was restarted; going on in master mode:connected",
+        Duration::from_secs(10),
+    );
+
+    // Before the fix a restarted worker started afresh in "master mode", waiting for a standby
+    // to stream: the dead standby was never counted as lost again, synchronous_standby_names
+    // stayed set, and this commit hung forever. Now the worker goes on counting and switches
+    // within the budget (plus the worker's restart delay).
+    let limit = Duration::from_secs(20);
+    let done = time_until(limit.saturating_sub(killed.elapsed()), || {
+        matches!(sessions.0[0].try_wait(), Ok(Some(_)))
+    });
+    let log = node1.keeper_log();
+    let switched = log
+        .iter()
+        .any(|l| l.contains("switching to asynchronous replication"));
+    eprintln!(
+        "[restart-while-losing] first failed heartbeat {} ms after the kill; worker terminated \
+         at {} ms; the commit {} {} ms after the kill (budget {} ms); switched to async: \
+         {switched}; failed heartbeats logged: {:?}",
+        counted_after.as_millis(),
+        terminated_after.as_millis(),
+        if done.is_some() {
+            "returned"
+        } else {
+            "was still waiting"
+        },
+        killed.elapsed().as_millis(),
+        budget.as_millis(),
+        log.iter()
+            .filter(|l| l.contains("heartbeat to standby")
+                || l.contains("was restarted")
+                || l.contains("switching to"))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        done.is_some(),
+        "the commit still waits {} ms after the standby was killed: the restarted worker did \
+         not switch to async\n{}",
+        killed.elapsed().as_millis(),
+        log.join("\n")
+    );
+    assert!(sessions.0[0].wait().unwrap().success(), "the commit failed");
+    assert!(switched, "{}", log.join("\n"));
+    assert_eq!(node1.sql("SHOW synchronous_standby_names").unwrap(), "");
+    assert_eq!(node1.sql("SELECT count(*) FROM t").unwrap(), "1");
+    node1.expect_title("master mode:async", Duration::from_secs(5));
+    drop(sessions);
+}

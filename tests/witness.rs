@@ -634,3 +634,102 @@ fn a_standby_back_over_a_slow_link_is_not_trusted_before_it_has_caught_up() {
     conclude("w-slow-catchup", &pp, checker, "node1");
     assert_eq!(holder(&pp).as_deref(), Some("node1"));
 }
+
+#[test]
+fn a_standby_that_took_the_lease_and_crashed_before_promoting_promotes_when_it_starts_again() {
+    let (pp, checker) = writing("w-took-then-crashed");
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    let witness = pp.witness.as_ref().expect("a witness");
+    // The hand-made take-over below is only valid for the standby the lease names.
+    let before = pp.lease().expect("no lease on the witness");
+    assert_eq!(
+        (before.0.as_str(), before.2.as_deref()),
+        ("node1", Some("node2")),
+        "{before:?}"
+    );
+
+    // The primary dies, and the standby's server at once too: long before it could take the
+    // lease (it needs three failed heartbeats, then the lease to expire, 5 s after node1's last
+    // renewal).
+    node1.kill9();
+    let killed = Instant::now();
+    node2.stop("immediate");
+    let stopped = killed.elapsed();
+    let log2 = node2.keeper_log().join("\n");
+    assert!(
+        !log2.contains("took the lease") && !log2.contains("promoting this standby"),
+        "node2 acted before it was stopped:\n{log2}"
+    );
+    let still = pp.lease().expect("no lease on the witness");
+    assert_eq!(
+        (still.0.as_str(), still.1, still.2.as_deref()),
+        ("node1", before.1, Some("node2")),
+        "the lease changed before the hand-made take-over: {still:?}"
+    );
+
+    // What node2's take-over would have written, had it died right after it: the state a
+    // standby leaves when its server crashes (or its worker restarts) between taking the lease
+    // and the end of recovery.
+    let taken = witness
+        .sql(
+            "UPDATE pg_keeper_lease SET holder = 'node2', epoch = epoch + 1, sync_standby = NULL, \
+             promoting = true, expires_at = clock_timestamp() + interval '5 seconds', \
+             renewed_at = clock_timestamp() WHERE id = 1 RETURNING holder, epoch, promoting",
+        )
+        .expect("take the lease by hand");
+    assert_eq!(taken, format!("node2|{}|t", before.1 + 1));
+
+    // node2 starts again, node1 stays down. Before the fix node2 started in "standby mode",
+    // never saw the primary (so failover was not armed) and waited: nobody was primary, and
+    // the lease it held kept anyone else from taking over.
+    node2.start();
+    let started = Instant::now();
+    node2.expect_log("going on with the promotion", Duration::from_secs(15));
+    let promoted = time_until(Duration::from_secs(15), || {
+        node2.in_recovery() == Some(false)
+    })
+    .map(|_| started.elapsed())
+    .expect("node2 did not promote within 15 s of its start");
+    expect_writes(&checker, node2, started, "the writer did not move to node2");
+    // Its first renewal as a primary (at its next tick) records its new timeline and clears
+    // `promoting`, in the same epoch.
+    let row = || {
+        witness
+            .sql(
+                "SELECT holder, epoch, timeline, promoting, expires_at > clock_timestamp() \
+                 FROM pg_keeper_lease WHERE id = 1",
+            )
+            .unwrap_or_else(|e| e)
+    };
+    let renewed_row = format!("node2|{}|2|f|t", before.1 + 1);
+    let renewed =
+        time_until(Duration::from_secs(10), || row() == renewed_row).map(|_| started.elapsed());
+    assert!(
+        renewed.is_some(),
+        "node2 did not renew its lease as a primary (holder|epoch|timeline|promoting|valid: \
+         {}, expected {renewed_row})",
+        row()
+    );
+
+    // The old primary comes back: the lease names node2, so it fences itself.
+    let restarting = Instant::now();
+    let _ = node1.try_start();
+    node1.expect_log("superseded", Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(30), || node1.postmaster_pid().is_none()),
+        "the superseded primary did not shut down"
+    );
+    let fenced = restarting.elapsed();
+    assert!(node1.dir.join("standby.signal").exists());
+
+    eprintln!(
+        "[w-took-then-crashed] node2 stopped {} ms after node1's kill; node2 promoted {} ms \
+         after its start and had renewed the lease as a primary {} ms after its start; the \
+         returning node1 was down again {} ms after pg_ctl start began",
+        stopped.as_millis(),
+        promoted.as_millis(),
+        renewed.unwrap().as_millis(),
+        fenced.as_millis()
+    );
+    conclude("w-took-then-crashed", &pp, checker, "node2");
+}

@@ -366,5 +366,8 @@ fn hole_7_an_isolated_primary_ends_waiting_sessions_before_a_cancel_reports_them
     let trace = out.trace.join("\n");
     assert!(out.violation.is_none(), "{s}\n{trace}");
     assert!(trace.contains("EndWaitingCommits done"), "{trace}");
-    assert_eq!(out.warned, 0, "commits reported done with a WARNING\n{trace}");
+    assert_eq!(
+        out.warned, 0,
+        "commits reported done with a WARNING\n{trace}"
+    );
 }
