@@ -449,19 +449,16 @@ impl Worker {
             standby_replies_recent: view.peer_replies_recent,
             standby_caught_up: view.caught_up,
             wal_receiver_recent,
-            // Not listed as streaming by the primary means not synchronous.
-            peer_says_synchronous: facts
-                .filter(|f| in_recovery && !f.in_recovery)
-                .map(|f| matches!(f.sync_state_of_asker.as_deref(), Some("sync" | "quorum"))),
-            peer_newer_primary: facts.is_some_and(|f| {
-                !in_recovery && !f.in_recovery && f.timeline.is_some_and(|t| t > my_timeline)
-            }),
-            peer_uses_witness: facts
-                .filter(|f| in_recovery && !f.in_recovery)
-                .and_then(|f| f.uses_witness),
             lease,
+            ..Observation::default()
         };
-        self.decide(Input::Tick(obs));
+        let answer = facts.map(|f| keeper_core::PeerAnswer {
+            in_recovery: f.in_recovery,
+            timeline: f.timeline,
+            sync_state_of_asker: f.sync_state_of_asker.clone(),
+            uses_witness: f.uses_witness,
+        });
+        self.decide(Input::Tick(obs.with_answer(answer.as_ref(), my_timeline)));
     }
 
     /// This node's name and the peer's, once identified.

@@ -237,6 +237,35 @@ pub struct Observation {
     pub lease: Lease,
 }
 
+/// What the peer said of itself in its heartbeat answer, as the heartbeat query returns it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerAnswer {
+    pub in_recovery: bool,
+    /// The timeline it writes (a primary), if it said.
+    pub timeline: Option<u32>,
+    /// The `sync_state` it shows in `pg_stat_replication` for the asking standby, if that one
+    /// streams from it.
+    pub sync_state_of_asker: Option<String>,
+    /// Its `pg_keeper.witness_conninfo` is set (None: hidden from the heartbeat's user).
+    pub uses_witness: Option<bool>,
+}
+
+impl Observation {
+    /// Fills in what the peer's answer (if it answered) means for this node, on `my_timeline`
+    /// and in recovery or not: whether it counts this standby as synchronous (not listed as
+    /// streaming means not), whether it is a newer primary, whether it uses a witness.
+    pub fn with_answer(mut self, answer: Option<&PeerAnswer>, my_timeline: u32) -> Observation {
+        let from_primary = answer.filter(|a| self.in_recovery && !a.in_recovery);
+        self.peer_says_synchronous = from_primary
+            .map(|a| matches!(a.sync_state_of_asker.as_deref(), Some("sync" | "quorum")));
+        self.peer_uses_witness = from_primary.and_then(|a| a.uses_witness);
+        self.peer_newer_primary = answer.is_some_and(|a| {
+            !self.in_recovery && !a.in_recovery && a.timeline.is_some_and(|t| t > my_timeline)
+        });
+        self
+    }
+}
+
 /// One input to the core.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {

@@ -1268,3 +1268,61 @@ fn another_clusters_lease_row_is_foreign() {
         None
     );
 }
+
+#[test]
+fn what_a_peer_answer_means_depends_on_which_side_asks() {
+    let from_primary = PeerAnswer {
+        in_recovery: false,
+        timeline: Some(3),
+        sync_state_of_asker: Some("quorum".into()),
+        uses_witness: Some(true),
+    };
+    let standby = Observation {
+        in_recovery: true,
+        ..Observation::default()
+    }
+    .with_answer(Some(&from_primary), 2);
+    assert_eq!(standby.peer_says_synchronous, Some(true));
+    assert_eq!(standby.peer_uses_witness, Some(true));
+    assert!(
+        !standby.peer_newer_primary,
+        "only a primary can be superseded"
+    );
+    let async_listed = PeerAnswer {
+        sync_state_of_asker: Some("async".into()),
+        ..from_primary.clone()
+    };
+    let unlisted = PeerAnswer {
+        sync_state_of_asker: None,
+        ..from_primary.clone()
+    };
+    for a in [async_listed, unlisted] {
+        let o = Observation {
+            in_recovery: true,
+            ..Observation::default()
+        };
+        assert_eq!(
+            o.with_answer(Some(&a), 2).peer_says_synchronous,
+            Some(false)
+        );
+    }
+    // A primary asking: newer only on a later timeline; nothing about synchronous.
+    let primary = Observation::default().with_answer(Some(&from_primary), 2);
+    assert!(primary.peer_newer_primary);
+    assert_eq!(primary.peer_says_synchronous, None);
+    assert!(
+        !Observation::default()
+            .with_answer(Some(&from_primary), 3)
+            .peer_newer_primary
+    );
+    // No answer: nothing.
+    let none = Observation {
+        in_recovery: true,
+        ..Observation::default()
+    }
+    .with_answer(None, 2);
+    assert_eq!(
+        (none.peer_says_synchronous, none.peer_uses_witness),
+        (None, None)
+    );
+}

@@ -6,7 +6,7 @@
 
 use keeper_core::{
     lease_time_ms, Action, Event, Heartbeat, Input, Keeper, Lease, LeaseRow, Level, Mode,
-    Observation, Settings, StandbySeen,
+    Observation, PeerAnswer, Settings, StandbySeen,
 };
 
 use crate::model::{Link, Ms, Sender, Server, Witness};
@@ -680,17 +680,19 @@ impl World {
             standby_caught_up: tick.caught_up,
             standby_replies_recent: tick.replies_recent,
             wal_receiver_recent: tick.wal_receiver_recent,
-            peer_says_synchronous: facts
-                .filter(|f| in_recovery && !f.in_recovery)
-                .map(|f| matches!(f.sync_state_of_asker, Some("sync" | "quorum"))),
-            peer_newer_primary: facts
-                .is_some_and(|f| !in_recovery && !f.in_recovery && f.timeline > my_timeline),
-            peer_uses_witness: facts
-                .filter(|f| in_recovery && !f.in_recovery)
-                .map(|f| f.uses_witness),
             lease: tick.lease,
+            ..Observation::default()
         };
-        self.decide(n, Input::Tick(obs));
+        let answer = facts.map(|f| PeerAnswer {
+            in_recovery: f.in_recovery,
+            timeline: (!f.in_recovery).then_some(f.timeline),
+            sync_state_of_asker: f.sync_state_of_asker.map(str::to_string),
+            uses_witness: Some(f.uses_witness),
+        });
+        self.decide(
+            n,
+            Input::Tick(obs.with_answer(answer.as_ref(), my_timeline)),
+        );
     }
 
     fn decide(&mut self, n: usize, input: Input) {
