@@ -1,6 +1,7 @@
 //! The witness: the same faults as tests/partitions.rs and tests/failover.rs, with
 //! `pg_keeper.witness_conninfo` set on both nodes, each reaching the witness (a plain server)
-//! through its own proxy. keepalive_time 1s x keepalive_count 3: a 3 s budget and a 3.2 s lease (3 x keepalive_time + 200 ms).
+//! through its own proxy. keepalive_time 1s x keepalive_count 3: a 3 s budget and a 3.2 s lease
+//! (3 x keepalive_time + 200 ms).
 //! Each test is a row of README.md's table "Split brain and lost commits" (column "with a
 //! witness"): it asserts the guarantee (never two primaries accepting writes at once, no
 //! acknowledged commit lost) and the availability outcome the table gives, and prints its
@@ -16,7 +17,6 @@ use common::{time_until, wait_until, Node, Options};
 
 /// keepalive_time x keepalive_count.
 const BUDGET: Duration = Duration::from_secs(3);
-/// (keepalive_count + 2) x keepalive_time.
 /// A bound on the lease (3.2 s), with room for a loaded machine.
 const LEASE: Duration = Duration::from_secs(5);
 /// Generous allowance on top of the budgets for a loaded machine.
