@@ -434,7 +434,7 @@ WITNESS_CONF = """
 listen_addresses = '127.0.0.1'
 port = {port}
 shared_preload_libraries = ''
-fsync = off
+fsync = on
 cluster_name = 'witness'
 log_line_prefix = '%m [%p] '
 log_timezone = 'UTC'
@@ -447,7 +447,7 @@ def make_pair(reg: Registry, label: str, ktime_ms: int, kcount: int, extension: 
     waits until node2 streams synchronously and, with the extension, both keepers are connected.
 
     With `witness` (and the extension) a third plain server is started first (trust auth, fsync
-    off, no extension) and named by both nodes' pg_keeper.witness_conninfo; the pair is ready
+    on, no extension) and named by both nodes' pg_keeper.witness_conninfo; the pair is ready
     once the lease on it is held by node1 and names node2 as its synchronous standby."""
     if connect_timeout is None:
         connect_timeout = max(60.0, 3 * ktime_ms / 1000 + 20)

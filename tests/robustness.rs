@@ -474,7 +474,8 @@ fn after_command_that_prints_hangs_or_fails_cannot_hurt() {
 #[test]
 fn no_password_reaches_the_log_the_title_or_after_command() {
     // A witness whose conninfo carries a password too (trust authentication: never checked).
-    let witness = Single::start("passwords-witness", "");
+    // fsync = on: the keepers refuse a witness without it.
+    let witness = Single::start("passwords-witness", "fsync = on");
     let pair = Pair::connected(
         "passwords",
         Options {

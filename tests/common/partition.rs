@@ -360,9 +360,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: Arc<Shared>) {
 
 /// A plain PostgreSQL 15 server, without pg_keeper, for `pg_keeper.witness_conninfo`: initdb with
 /// trust authentication and user postgres, `listen_addresses = '127.0.0.1'`, a free port,
-/// `fsync = off`, no `shared_preload_libraries`; run as the `postgres` OS user. Dropping it
-/// stops the server whatever its state (bounded), prints its log if the test panicked, and
-/// removes its directory when it has one of its own.
+/// `fsync = on` (the keepers refuse a witness without it), no `shared_preload_libraries`; run as
+/// the `postgres` OS user. Dropping it stops the server whatever its state (bounded), prints its
+/// log if the test panicked, and removes its directory when it has one of its own.
 pub struct Witness {
     /// The server (named `witness`; `node.port` is its real port).
     pub node: Node,
@@ -396,7 +396,7 @@ impl Witness {
 
     fn init_and_start(&self) {
         let conf = format!(
-            "listen_addresses = '127.0.0.1'\nport = {}\nfsync = off\nlog_line_prefix = '%m [%p] '",
+            "listen_addresses = '127.0.0.1'\nport = {}\nfsync = on\nlog_line_prefix = '%m [%p] '",
             self.node.port
         );
         init_primary_with_hba(&self.node, &conf, "");
