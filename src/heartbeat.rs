@@ -432,12 +432,39 @@ impl Node {
         params: &[Option<&CStr>],
         deadline: Instant,
     ) -> Result<Reply, Beat> {
+        self.run_on(sql, params, deadline, true)
+    }
+
+    /// Like [`Node::run`], but never on a connection made during the call after the kept one
+    /// failed: for sessions set up once per connection (the witness's), which must be set up
+    /// again first. Connects only when there is no connection.
+    pub fn run_once(
+        &mut self,
+        sql: &CStr,
+        params: &[Option<&CStr>],
+        deadline: Instant,
+    ) -> Result<Reply, Beat> {
+        self.run_on(sql, params, deadline, false)
+    }
+
+    /// Whether a connection is kept.
+    pub fn is_connected(&self) -> bool {
+        !self.conn.is_null()
+    }
+
+    fn run_on(
+        &mut self,
+        sql: &CStr,
+        params: &[Option<&CStr>],
+        deadline: Instant,
+        retry: bool,
+    ) -> Result<Reply, Beat> {
         let reused = !self.conn.is_null();
         if !reused {
             self.connect(deadline)?;
         }
         let mut reply = self.query(sql, params, deadline);
-        if reused && matches!(reply, Err(Beat::NoAnswer(_))) && Instant::now() < deadline {
+        if retry && reused && matches!(reply, Err(Beat::NoAnswer(_))) && Instant::now() < deadline {
             let deadline_passed =
                 matches!(&reply, Err(Beat::NoAnswer(w)) if w.contains("deadline"));
             if !deadline_passed {

@@ -189,7 +189,8 @@ impl Witness {
 
     /// Sets up the session, refuses a witness that cannot keep a lease, makes the table.
     fn prepare(&mut self, deadline: Instant) -> Result<(), String> {
-        let run = |node: &mut Node, sql: &CStr| match node.run(sql, &[], deadline) {
+        self.table_ready = false;
+        let run = |node: &mut Node, sql: &CStr| match node.run_once(sql, &[], deadline) {
             Ok(Reply::Rows(rows)) => Ok(rows),
             Ok(Reply::Error(msg)) => Err(msg),
             Err(beat) => Err(describe_failure(beat)),
@@ -223,10 +224,26 @@ impl Witness {
         params: &[Option<&CStr>],
         deadline: Instant,
     ) -> Result<Option<LeaseRow>, String> {
+        // A new connection is a new session: set up and checked again before any statement.
+        if !self.node.is_connected() {
+            self.table_ready = false;
+        }
+        let kept = self.table_ready;
         if !self.table_ready {
             self.prepare(deadline)?;
         }
-        match self.node.run(sql, params, deadline) {
+        let mut reply = self.node.run_once(sql, params, deadline);
+        if kept && Instant::now() < deadline {
+            // The kept connection had broken (the witness restarted, say): once more on a new
+            // one, set up first, within the same deadline.
+            if let Err(Beat::NoAnswer(why)) = &reply {
+                if !why.contains("deadline") {
+                    self.prepare(deadline)?;
+                    reply = self.node.run_once(sql, params, deadline);
+                }
+            }
+        }
+        match reply {
             Ok(Reply::Rows(rows)) => match rows.first().map(|r| parse_row(r)).transpose()? {
                 Some(row) => match row.foreign(&self.system_identifier) {
                     Some(why) => Err(why),
