@@ -638,3 +638,124 @@ fn crashes_and_a_freeze_under_the_checker_lose_nothing_and_never_give_two_primar
     assert!(v.lost.is_empty(), "lost acknowledged commits: {v:?}");
     assert_eq!(v.overlap, Duration::ZERO, "two primaries at once: {v:?}");
 }
+
+/// Hole 5, under writes: only node1's heartbeats to node2 are swallowed (`to_node2`); node2 is
+/// healthy and its replication, and its replies on it, pass. Before the fix node1 counted node2
+/// as lost after the budget and switched to asynchronous replication, giving up durability for
+/// nothing (and, without a witness, leaving a window for two primaries). Now the standby's
+/// replies on its stream count as evidence of life: node1 stays synchronous and says why, its
+/// commits are confirmed by node2 throughout, and nothing is lost. (tests/holes.rs has the same
+/// on an idle pair.)
+#[test]
+fn a_primary_whose_heartbeats_alone_fail_under_writes_stays_synchronous_and_loses_nothing() {
+    let pp = ProxiedPair::connected("primary-heartbeats-under-writes", Options::default());
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    let checker = Checker::start(&pp.pair);
+    sleep(Duration::from_secs(3));
+
+    pp.to_node2.set_mode(Mode::Blackhole);
+    let cut = Instant::now();
+    node1.expect_log(
+        "does not answer heartbeats but its replication still confirms WAL",
+        BUDGET + MARGIN,
+    );
+    let held_after = cut.elapsed();
+    // Well past the budget: still synchronous, and commits go on (confirmed by node2).
+    sleep(BUDGET + Duration::from_secs(4));
+    let log1 = node1.keeper_log().join("\n");
+    // ("not switching to asynchronous replication" is the hold itself.)
+    assert!(
+        !log1.contains("lost; switching to asynchronous replication")
+            && !log1.contains("changed replication mode to asynchronous"),
+        "node1 switched to async although its standby still confirms WAL:\n{log1}"
+    );
+    assert_eq!(
+        node1.sql("SHOW synchronous_standby_names").as_deref(),
+        Ok("node1, node2")
+    );
+    assert_eq!(
+        node1
+            .sql("SELECT sync_state FROM pg_stat_replication WHERE application_name = 'node2'")
+            .as_deref(),
+        Ok("sync")
+    );
+    assert!(
+        checker.writer_acked_on(node1, cut + BUDGET + Duration::from_secs(2)),
+        "no commit was acknowledged while only node1's heartbeats failed"
+    );
+    assert_eq!(node2.in_recovery(), Some(true), "node2 promoted");
+    let line = log1
+        .lines()
+        .find(|l| l.contains("its replication still confirms WAL"))
+        .unwrap_or_default()
+        .to_string();
+
+    pp.to_node2.set_mode(Mode::Pass);
+    node1.expect_title("master mode:connected", Duration::from_secs(20));
+    sleep(Duration::from_secs(2));
+    let v = checker.finish(&pp.pair);
+    eprintln!(
+        "[primary-heartbeats-under-writes] held {} ms after the cut: {line}",
+        held_after.as_millis()
+    );
+    report("primary-heartbeats-under-writes", &v);
+    assert_eq!(v.final_primary, Some("node1"), "{v:?}");
+    assert!(v.lost.is_empty(), "lost acknowledged commits: {v:?}");
+    assert_eq!(v.acknowledged_by[1], 0, "{v:?}");
+}
+
+/// Hole 6, with the heartbeats reset rather than swallowed: on an idle pair (no client writes
+/// anything) only node2's heartbeats to node1 are cut, each connection closed at once
+/// (`to_node1` in Drop), so node2 counts a failure at every tick without waiting for a
+/// deadline; replication passes. Before the fix the walsender of an idle primary said nothing
+/// for up to wal_sender_timeout / 2, the guard "the WAL receiver still receives from it" lapsed
+/// and node2 promoted beside a live primary about a second after it first held. Now the
+/// primary's keeper writes a small WAL record every tick, so the guard holds for as long as the
+/// cut lasts. (tests/holes.rs has the swallowed version.)
+#[test]
+fn an_idle_standby_whose_heartbeats_alone_are_reset_does_not_promote() {
+    let pp = ProxiedPair::connected(
+        "idle-standby-heartbeats-reset",
+        Options {
+            keepalive_count: 2,
+            ..Options::default()
+        },
+    );
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    // Let the traffic of the set-up grow old: from here on only the keepers speak.
+    sleep(Duration::from_secs(4));
+
+    pp.to_node1.set_mode(Mode::Drop);
+    let cut = Instant::now();
+    node2.expect_log(
+        "does not answer heartbeats but this standby's WAL receiver still receives from it",
+        Duration::from_secs(15),
+    );
+    let held_after = cut.elapsed();
+    // 20 s in all: ten failure windows of 1s x 2.
+    let rest = Duration::from_secs(20).saturating_sub(cut.elapsed());
+    let promoted = wait_until(rest, || node2.in_recovery() == Some(false));
+    let log2 = node2.keeper_log().join("\n");
+    assert!(
+        !promoted,
+        "the idle standby promoted beside a live primary:\n{log2}"
+    );
+    assert!(!log2.contains("promoting this standby"), "{log2}");
+    assert_eq!(
+        node1.in_recovery(),
+        Some(false),
+        "node1 is no longer a primary"
+    );
+    let held = log2.matches("WAL receiver still receives from it").count();
+    let failures = log2.matches("heartbeat to primary").count();
+
+    pp.to_node1.set_mode(Mode::Pass);
+    node2.expect_title("standby mode:connected", Duration::from_secs(20));
+    eprintln!(
+        "[idle-standby-heartbeats-reset] first hold {} ms after the cut; {held} holds and \
+         {failures} failed heartbeats logged in {} ms; node2 still a standby",
+        held_after.as_millis(),
+        cut.elapsed().as_millis()
+    );
+    keeper_lines("idle-standby-heartbeats-reset", &pp);
+}

@@ -830,3 +830,227 @@ fn a_primary_keeper_restarted_while_the_standby_is_lost_still_switches_to_async(
     node1.expect_title("master mode:async", Duration::from_secs(5));
     drop(sessions);
 }
+
+/// Hole 11: a node or witness conninfo that lets libpq choose among servers (several hosts or
+/// ports, target_session_attrs, load_balance_hosts) or that opens a replication connection would
+/// let a heartbeat or a lease statement reach another server than the one meant. Before the
+/// fix every one of them was accepted; now each is refused when set, by ALTER SYSTEM and on a
+/// reload, naming the setting with a DETAIL saying why, and the old value stays in force.
+/// (tests/holes.rs has a shorter version; this one checks the DETAIL of every kind, the URI
+/// form, hostaddr, the witness conninfo and the reload path.)
+#[test]
+fn conninfos_that_let_libpq_choose_the_server_are_refused_with_a_detail_by_alter_system_and_on_reload(
+) {
+    let other = common::free_port();
+    let single = Single::start("choosing-conninfos", "");
+    let n = &single.node;
+    n.append_conf(&format!(
+        "pg_keeper.node1_conninfo = '{}'\npg_keeper.node2_conninfo = 'host=127.0.0.1 port={other} dbname=postgres'",
+        n.conninfo()
+    ));
+    n.reload();
+    n.expect_title("master mode", Duration::from_secs(10));
+    let keeper = n.keeper_pid();
+    let conf_path = n.dir.join("postgresql.conf");
+    let good_conf = fs::read_to_string(&conf_path).unwrap();
+    let several = |key: &str| {
+        format!("It names several servers ({key}=...,...); the keeper must reach exactly one server through it.")
+    };
+    let chooses = |key: &str| {
+        format!("It sets {key}, which lets libpq choose among servers; name one server instead.")
+    };
+    let replication =
+        "It sets replication=; the keeper needs an ordinary session, not a replication connection."
+            .to_string();
+    let cases = [
+        (
+            "pg_keeper.node1_conninfo",
+            "host=127.0.0.1,127.0.0.2 port=5432 dbname=postgres",
+            several("host"),
+        ),
+        (
+            "pg_keeper.node2_conninfo",
+            "host=127.0.0.1 port=5432,5433 dbname=postgres",
+            several("port"),
+        ),
+        (
+            "pg_keeper.node2_conninfo",
+            "hostaddr=127.0.0.1,127.0.0.2 dbname=postgres",
+            several("hostaddr"),
+        ),
+        (
+            "pg_keeper.node1_conninfo",
+            "postgresql://127.0.0.1:5432,127.0.0.2:5433/postgres",
+            several("host"),
+        ),
+        (
+            "pg_keeper.witness_conninfo",
+            "host=127.0.0.3,127.0.0.4 dbname=w",
+            several("host"),
+        ),
+        (
+            "pg_keeper.node2_conninfo",
+            "host=127.0.0.1 dbname=postgres target_session_attrs=read-write",
+            chooses("target_session_attrs"),
+        ),
+        (
+            "pg_keeper.witness_conninfo",
+            "host=127.0.0.3 dbname=w target_session_attrs=primary",
+            chooses("target_session_attrs"),
+        ),
+        (
+            "pg_keeper.node1_conninfo",
+            "host=127.0.0.1 dbname=postgres replication=database",
+            replication.clone(),
+        ),
+        (
+            "pg_keeper.witness_conninfo",
+            "host=127.0.0.3 dbname=w replication=true",
+            replication.clone(),
+        ),
+    ];
+    for (setting, value, detail) in &cases {
+        let before = n.sql(&format!("SHOW {setting}")).unwrap();
+        let err = n
+            .sql(&format!("ALTER SYSTEM SET {setting} = '{value}'"))
+            .unwrap_err();
+        assert!(
+            err.contains(&format!("invalid value for parameter \"{setting}\""))
+                && err.contains(&format!("DETAIL:  {detail}")),
+            "ALTER SYSTEM SET {setting} = '{value}': {err}"
+        );
+        assert_eq!(n.sql(&format!("SHOW {setting}")).unwrap(), before);
+    }
+    // load_balance_hosts is a libpq 16 keyword: with an older libpq it does not even parse.
+    // Either way it is refused, naming the setting.
+    let err = n
+        .sql("ALTER SYSTEM SET pg_keeper.node2_conninfo = 'host=127.0.0.1 dbname=postgres load_balance_hosts=random'")
+        .unwrap_err();
+    eprintln!("[choosing-conninfos] load_balance_hosts=random: {err}");
+    assert!(
+        err.contains("\"pg_keeper.node2_conninfo\"")
+            && (err.contains(&chooses("load_balance_hosts")) || err.contains("does not parse")),
+        "{err}"
+    );
+    let auto = fs::read_to_string(n.dir.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        !auto.contains("127.0.0.2")
+            && !auto.contains("replication")
+            && !auto.contains("target_session_attrs"),
+        "a refused value reached postgresql.auto.conf:\n{auto}"
+    );
+    // The harmless spelling of target_session_attrs is accepted.
+    n.sql(&format!(
+        "ALTER SYSTEM SET pg_keeper.node2_conninfo = 'host=127.0.0.1 port={other} dbname=postgres target_session_attrs=any'"
+    ))
+    .unwrap();
+    n.sql("ALTER SYSTEM RESET pg_keeper.node2_conninfo")
+        .unwrap();
+
+    // On a reload from postgresql.conf: the file is reported to contain errors, the setting and
+    // the DETAIL are in the log, and the old value stays in force.
+    for (setting, value, detail) in [&cases[0], &cases[6], &cases[7]] {
+        let before = n.sql(&format!("SHOW {setting}")).unwrap();
+        let errors_before = n.log_text().matches("contains errors").count();
+        n.append_conf(&format!("{setting} = '{value}'"));
+        n.reload();
+        assert!(
+            wait_until(Duration::from_secs(10), || n
+                .log_text()
+                .matches("contains errors")
+                .count()
+                > errors_before),
+            "no error reported for {setting} = '{value}':\n{}",
+            n.log_text()
+        );
+        let log = n.log_text();
+        assert!(
+            log.contains(&format!("invalid value for parameter \"{setting}\""))
+                && log.contains(&format!("DETAIL:  {detail}")),
+            "{setting} = '{value}':\n{log}"
+        );
+        assert_eq!(
+            n.sql(&format!("SHOW {setting}")).unwrap(),
+            before,
+            "{setting} = '{value}' changed the value in force"
+        );
+        fs::write(&conf_path, &good_conf).unwrap();
+        n.reload();
+    }
+    assert_eq!(n.keeper_pid(), keeper, "the worker must stay up");
+    assert!(n.title_is("master mode"), "{:?}", n.title());
+}
+
+/// Hole 13: after_command inherited the server process's signal state (SIGPIPE ignored, and
+/// whatever was blocked when the keeper forked) and its open descriptors (data files, the
+/// latch's pipe and epoll descriptors, libpq sockets). Now the command starts with every signal
+/// at its default action, none blocked, and nothing open but stdin, stdout and stderr. Checked
+/// on the shell itself (its own /proc entry, after `exec >file` so that the shell keeps no saved
+/// copy of stdout), with every descriptor's target; the keeper's own state is printed beside it.
+#[test]
+fn after_command_gets_no_socket_pipe_or_server_file_and_no_ignored_or_blocked_signal() {
+    let pair = Pair::connected(
+        "after-command-clean-fds",
+        Options {
+            extra: "pg_keeper.after_command = 'exec > @ROOT@/inherited.tmp; \
+                    grep -E \"^(SigBlk|SigIgn)\" /proc/$$/status; ls -l /proc/$$/fd; \
+                    grep -E \"^(SigBlk|SigIgn)\" /proc/$PPID/status | sed \"s/^/keeper /\"; \
+                    mv @ROOT@/inherited.tmp @ROOT@/inherited.txt'"
+                .into(),
+            ..Options::default()
+        },
+    );
+    let file = pair.root.join("inherited.txt");
+    // The standby dies: the primary switches to async and runs after_command (event async).
+    pair.node2.kill9();
+    pair.node1
+        .expect_title("master mode:async", BUDGET + MARGIN);
+    let written = wait_until(Duration::from_secs(15), || file.exists());
+    assert!(
+        written,
+        "after_command left no file:\n{}",
+        pair.node1.keeper_log().join("\n")
+    );
+    let text = fs::read_to_string(&file).unwrap();
+    eprintln!("[after-command-clean-fds] what the shell had (and the keeper, its parent):\n{text}");
+    let mask = |field: &str| -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(field))
+            .unwrap_or_else(|| panic!("no {field} line:\n{text}"));
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap_or(""), 16)
+            .unwrap_or_else(|_| panic!("{line}"))
+    };
+    assert_eq!(
+        mask("SigBlk"),
+        0,
+        "signals blocked in after_command:\n{text}"
+    );
+    // Signals 32 and 33 are glibc's own (SIGCANCEL, SIGSETXID): its sigaction() refuses to touch
+    // them, and glibc installs its handler before it uses them. Every other one, the standard
+    // signals 1 to 31 and the real-time ones from SIGRTMIN (34) on, must be at its default.
+    let glibc_internal = (1u64 << 31) | (1u64 << 32);
+    assert_eq!(
+        mask("SigIgn") & !glibc_internal,
+        0,
+        "signals ignored in after_command:\n{text}"
+    );
+    // `ls -l` lines: "... <fd> -> <target>".
+    let fds: Vec<(u32, String)> = text
+        .lines()
+        .filter_map(|l| {
+            let (left, target) = l.split_once(" -> ")?;
+            let fd = left.split_whitespace().last()?.parse().ok()?;
+            Some((fd, target.to_string()))
+        })
+        .collect();
+    let numbers: Vec<u32> = fds.iter().map(|(fd, _)| *fd).collect();
+    assert_eq!(
+        numbers,
+        [0, 1, 2],
+        "after_command has descriptors beyond stdin, stdout and stderr:\n{text}"
+    );
+    // stdin is /dev/null, stdout the file, stderr the server's log.
+    assert_eq!(fds[0].1, "/dev/null", "{text}");
+    assert!(fds[2].1.ends_with("node1.log"), "{text}");
+}

@@ -12,7 +12,7 @@ mod common;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::partition::{Checker, Mode, ProxiedPair, Verdict};
+use common::partition::{Checker, Mode, ProxiedPair, Verdict, Witness};
 use common::{time_until, wait_until, Node, Options};
 
 /// keepalive_time x keepalive_count.
@@ -714,7 +714,12 @@ fn a_standby_that_took_the_lease_and_crashed_before_promoting_promotes_when_it_s
 
     // The old primary comes back: the lease names node2, so it fences itself.
     let restarting = Instant::now();
-    let _ = node1.try_start();
+    // A killed postmaster can linger a moment as a zombie that start still sees as running: try
+    // again, bounded (it fences itself once it runs).
+    let started = wait_until(Duration::from_secs(20), || {
+        node1.try_start() || node1.log_text().contains("superseded")
+    });
+    assert!(started, "node1 could not be started again");
     node1.expect_log("superseded", Duration::from_secs(20));
     assert!(
         wait_until(Duration::from_secs(30), || node1.postmaster_pid().is_none()),
@@ -733,4 +738,561 @@ fn a_standby_that_took_the_lease_and_crashed_before_promoting_promotes_when_it_s
         fenced.as_millis()
     );
     conclude("w-took-then-crashed", &pp, checker, "node2");
+}
+
+/// A psql session whose statement is expected to wait (a commit for its synchronous standby):
+/// no statement timeout (a timeout would cancel the wait and report the commit done), output
+/// kept; killed if still running when dropped.
+struct Waiting(Option<std::process::Child>);
+
+impl Waiting {
+    fn start(node: &Node, sql: &str) -> Waiting {
+        let child = std::process::Command::new(format!("{}/psql", common::BIN))
+            .args(["-X", "-Atq", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args(["-U", "postgres", "-d", "postgres"])
+            .args(["-p", &node.port.to_string(), "-c", sql])
+            .env("PGCONNECT_TIMEOUT", "3")
+            .env("PGOPTIONS", "-c statement_timeout=0")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start psql");
+        Waiting(Some(child))
+    }
+
+    fn finished(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
+    /// Its exit status and output (stdout then stderr), once it has finished.
+    fn outcome(&mut self) -> (bool, String) {
+        let out = self
+            .0
+            .take()
+            .expect("psql")
+            .wait_with_output()
+            .expect("psql output");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sessions of `node` waiting for synchronous replication, asked on its direct port.
+fn waiting_for_sync_rep(node: &Node) -> Option<u32> {
+    node.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'")
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Hole 7: the primary is cut off from both the standby and the witness. It cannot renew its
+/// lease, so it rightly does not switch to async, and a commit made now waits for a standby it
+/// cannot reach. Before the fix that session just waited: the client's own timeout or cancel
+/// then got the COMMIT reported as done (PostgreSQL's "canceling wait for synchronous
+/// replication" WARNING) although the standby, about to promote, never had it. Now the keeper
+/// ends (terminates, not cancels) every session waiting for synchronous replication, at every
+/// tick, so the client gets no answer rather than a false success.
+#[test]
+fn a_primary_isolated_from_both_ends_the_sessions_waiting_for_synchronous_replication() {
+    let pp = ProxiedPair::connected_with_witness("w-end-waiting", Options::default());
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    node1.sql("CREATE TABLE t (id int)").unwrap();
+
+    pp.isolate(node1, Mode::Blackhole);
+    let cut = Instant::now();
+    // A commit on node1 (direct port): it waits for node2, which no longer hears from node1.
+    let mut commit = Waiting::start(node1, "INSERT INTO t VALUES (1)");
+    let waited = wait_until(Duration::from_secs(5), || {
+        waiting_for_sync_rep(node1).is_some_and(|n| n >= 1)
+    });
+    assert!(
+        waited || commit.finished(),
+        "the commit neither waits for synchronous replication nor finished: {:?}",
+        waiting_for_sync_rep(node1)
+    );
+    node1.expect_log(
+        "session(s) waiting for synchronous replication",
+        BUDGET + MARGIN,
+    );
+    let ended_after = cut.elapsed();
+    let finished = wait_until(Duration::from_secs(10), || commit.finished());
+    assert!(
+        finished,
+        "the waiting commit is still running although node1 logged that it ended the sessions:\n{}",
+        node1.keeper_log().join("\n")
+    );
+    let (success, output) = commit.outcome();
+    eprintln!(
+        "[w-end-waiting] the commit waited: {waited}; node1 ended the waiting sessions {} ms \
+         after the cut; psql: success {success}, output {output:?}",
+        ended_after.as_millis()
+    );
+    assert!(!success, "the waiting COMMIT was reported done: {output}");
+    assert!(
+        output.contains("terminating connection")
+            || output.contains("server closed the connection")
+            || output.contains("connection to server was lost"),
+        "psql did not see its connection ended: {output}"
+    );
+    // PostgreSQL says "canceling the wait for synchronous replication and terminating
+    // connection due to administrator command" and closes the session: no COMMIT answer. A
+    // cancel ("... due to user request") would have answered COMMIT.
+    assert!(!output.contains("due to user request"), "{output}");
+    assert!(
+        wait_until(Duration::from_secs(5), || waiting_for_sync_rep(node1)
+            == Some(0)),
+        "sessions still wait for synchronous replication on node1: {:?}",
+        waiting_for_sync_rep(node1)
+    );
+    let line = node1
+        .keeper_log()
+        .into_iter()
+        .find(|l| l.contains("session(s) waiting for synchronous replication"))
+        .unwrap_or_default();
+    assert!(line.contains("ended "), "{line}");
+    let log1 = node1.keeper_log().join("\n");
+    assert!(
+        !log1.contains("changed replication mode to asynchronous"),
+        "{log1}"
+    );
+
+    // node2 takes over once node1's lease has expired.
+    assert!(
+        wait_until(BUDGET + LEASE + MARGIN, || node2.in_recovery()
+            == Some(false)),
+        "node2 did not promote"
+    );
+    let promoted = cut.elapsed();
+    assert_eq!(holder(&pp).as_deref(), Some("node2"));
+
+    // Healed: node1 learns that it was superseded and shuts down; one primary.
+    pp.isolate(node1, Mode::Pass);
+    node1.expect_log("superseded", Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(30), || node1.postmaster_pid().is_none()),
+        "the superseded primary did not shut down"
+    );
+    assert_eq!(node2.in_recovery(), Some(false));
+    node2
+        .sql("CREATE TABLE after_heal (id int); INSERT INTO after_heal VALUES (1)")
+        .expect("node2 takes writes");
+    eprintln!(
+        "[w-end-waiting] {line}\n[w-end-waiting] node2 promoted {} ms after the cut; rows of t \
+         on node2 (the ended commit was never acknowledged): {:?}",
+        promoted.as_millis(),
+        node2.sql("SELECT count(*) FROM t")
+    );
+}
+
+/// What `node` shows about the witness in pg_keeper_status.
+fn witness_status(node: &Node) -> String {
+    node.sql("SELECT witness FROM pg_keeper_status")
+        .unwrap_or_else(|e| e)
+}
+
+/// Hole 10: a witness that cannot keep a lease safely, a standby (in recovery) or a server with
+/// fsync = off, was used as any other: a lease written there could be lost (with its primary,
+/// or in a crash) and then taken twice. Now both keepers refuse it and say why, and use it once
+/// it is fit: here a standby of a witness (refused), promoted but with fsync = off (refused),
+/// then with fsync = on (usable, the lease is made).
+#[test]
+fn a_witness_in_recovery_or_with_fsync_off_is_refused_until_it_is_fit() {
+    let mut pp = ProxiedPair::connected("w-unfit-witness", Options::default());
+    pp.pair.node1.sql("CREATE EXTENSION pg_keeper_rs").unwrap();
+    let first = Witness::create(&pp.pair.root);
+    let standby = first.standby(&pp.pair.root, "witness2");
+    standby.node.append_conf("fsync = off");
+    standby.node.reload();
+    assert_eq!(
+        standby.sql("SELECT pg_is_in_recovery()").as_deref(),
+        Ok("t")
+    );
+    assert_eq!(standby.sql("SHOW fsync").as_deref(), Ok("off"));
+    // The keepers are given the standby as their witness (through their witness proxies).
+    pp.use_witness(standby.port());
+    for node in pp.nodes() {
+        node.expect_log(
+            "cannot use the witness: the witness server is in recovery (a standby)",
+            Duration::from_secs(15),
+        );
+    }
+    sleep(Duration::from_secs(2));
+    assert_eq!(
+        first
+            .sql("SELECT to_regclass('pg_keeper_lease') IS NULL")
+            .as_deref(),
+        Ok("t"),
+        "a lease table was made although the witness is a standby"
+    );
+    for node in pp.nodes() {
+        let shown = witness_status(node);
+        assert!(
+            shown.starts_with("unusable for") && shown.contains("in recovery"),
+            "{}: {shown}",
+            node.name
+        );
+    }
+
+    // Promoted, but with fsync = off: still refused (the warning is said once per outage; the
+    // status shows the reason in force).
+    standby.sql("SELECT pg_promote()").unwrap();
+    let refused_fsync = wait_until(Duration::from_secs(15), || {
+        pp.nodes()
+            .iter()
+            .all(|n| witness_status(n).contains("runs with fsync = off"))
+    });
+    assert!(
+        refused_fsync,
+        "the promoted witness with fsync = off is not refused: node1 {:?}, node2 {:?}\n{}\n{}",
+        witness_status(&pp.pair.node1),
+        witness_status(&pp.pair.node2),
+        pp.pair.node1.keeper_log().join("\n"),
+        pp.pair.node2.keeper_log().join("\n")
+    );
+    assert_eq!(
+        standby
+            .sql("SELECT to_regclass('pg_keeper_lease') IS NULL")
+            .as_deref(),
+        Ok("t"),
+        "a lease table was made on a witness with fsync = off"
+    );
+
+    // fsync = on: the witness is usable, and node1 makes its lease there.
+    standby
+        .sql("ALTER SYSTEM SET fsync = on")
+        .and_then(|_| standby.sql("SELECT pg_reload_conf()"))
+        .unwrap();
+    for node in pp.nodes() {
+        node.expect_log("the witness is usable again", Duration::from_secs(15));
+    }
+    pp.witness = Some(standby);
+    assert!(
+        wait_until(Duration::from_secs(20), || pp
+            .lease()
+            .is_some_and(|l| l.0 == "node1"
+                && l.2.as_deref() == Some("node2")
+                && l.3)),
+        "no lease held by node1 naming node2: {:?}",
+        pp.lease()
+    );
+    for node in pp.nodes() {
+        eprintln!(
+            "[w-unfit-witness] {}: {}",
+            node.name,
+            node.keeper_log()
+                .iter()
+                .filter(|l| l.contains("witness"))
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // Dropped before the pair (its directory is inside the pair's).
+    drop(first);
+}
+
+/// Hole 10, after a restart: the witness is fine, then restarted with fsync = off. Before the
+/// fix nothing about the witness server was checked; now the keepers must find it unusable
+/// once they reconnect, and usable again once fsync is back on.
+#[test]
+fn a_witness_restarted_with_fsync_off_is_refused_and_usable_again_with_fsync_on() {
+    let pp = ProxiedPair::connected_with_witness("w-fsync-restart", Options::default());
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    node1.sql("CREATE EXTENSION pg_keeper_rs").unwrap();
+    let witness = pp.witness.as_ref().expect("a witness");
+    assert_eq!(witness.sql("SHOW fsync").as_deref(), Ok("on"));
+
+    witness.sql("ALTER SYSTEM SET fsync = off").unwrap();
+    witness.node.restart();
+    assert_eq!(witness.sql("SHOW fsync").as_deref(), Ok("off"));
+    let refused = time_until(Duration::from_secs(15), || {
+        pp.nodes()
+            .iter()
+            .all(|n| witness_status(n).contains("runs with fsync = off"))
+    });
+    let logged: Vec<String> = pp
+        .nodes()
+        .iter()
+        .flat_map(|n| {
+            n.keeper_log()
+                .into_iter()
+                .filter(|l| l.contains("cannot use the witness"))
+                .map(move |l| format!("{}: {l}", n.name))
+        })
+        .collect();
+    eprintln!(
+        "[w-fsync-restart] refused {:?} ms after the restart; status node1 {:?}, node2 {:?}; \
+         warnings: {logged:#?}",
+        refused.map(|d| d.as_millis()),
+        witness_status(node1),
+        witness_status(node2)
+    );
+    assert!(
+        refused.is_some(),
+        "a witness restarted with fsync = off is still used: node1 {:?}, node2 {:?}; lease {:?}\n{}\n{}",
+        witness_status(node1),
+        witness_status(node2),
+        pp.lease(),
+        node1.keeper_log().join("\n"),
+        node2.keeper_log().join("\n")
+    );
+    // The warning is said once per outage: it names fsync unless a keeper saw the witness down
+    // during the restart first.
+    for node in pp.nodes() {
+        node.expect_log("cannot use the witness", Duration::from_secs(1));
+    }
+
+    witness
+        .sql("ALTER SYSTEM RESET fsync")
+        .and_then(|_| witness.sql("SELECT pg_reload_conf()"))
+        .unwrap();
+    for node in pp.nodes() {
+        node.expect_log("the witness is usable again", Duration::from_secs(15));
+    }
+    assert!(
+        wait_until(Duration::from_secs(15), || pp
+            .lease()
+            .is_some_and(|l| l.0 == "node1" && l.3)),
+        "node1 does not hold the lease again: {:?}",
+        pp.lease()
+    );
+    assert_eq!(node2.in_recovery(), Some(true));
+}
+
+/// Hole 10, a reconnect with the witness up: fsync is turned off on the witness by a reload and
+/// the keepers' sessions there are ended (what a restart of the witness between two of their
+/// ticks looks like to them: a broken connection, and a fresh one to a server that now runs
+/// with fsync = off). The keepers must check the server again on the new connection and refuse
+/// it.
+#[test]
+fn a_witness_found_with_fsync_off_on_a_new_connection_is_refused() {
+    let pp = ProxiedPair::connected_with_witness("w-fsync-reconnect", Options::default());
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    node1.sql("CREATE EXTENSION pg_keeper_rs").unwrap();
+    let witness = pp.witness.as_ref().expect("a witness");
+    // Both keepers have their session on the witness (node2's comes at its first look at the
+    // lease).
+    let sessions = || {
+        witness
+            .sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_keeper'")
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || sessions() == "2"),
+        "keeper sessions on the witness: {}",
+        sessions()
+    );
+    witness
+        .sql("ALTER SYSTEM SET fsync = off")
+        .and_then(|_| witness.sql("SELECT pg_reload_conf()"))
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || witness
+        .sql("SHOW fsync")
+        .as_deref()
+        == Ok("off")));
+    let ended = witness
+        .sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'pg_keeper' AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    eprintln!("[w-fsync-reconnect] ended {ended} keeper session(s) on the witness");
+    assert!(ended.parse::<u32>().unwrap_or(0) >= 2, "{ended}");
+    let refused = time_until(Duration::from_secs(10), || {
+        pp.nodes()
+            .iter()
+            .all(|n| witness_status(n).contains("runs with fsync = off"))
+    });
+    let reconnected = witness
+        .sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_keeper'")
+        .unwrap_or_default();
+    eprintln!(
+        "[w-fsync-reconnect] refused: {:?} ms; keeper sessions on the witness now: \
+         {reconnected}; status node1 {:?}, node2 {:?}; lease {:?}",
+        refused.map(|d| d.as_millis()),
+        witness_status(node1),
+        witness_status(node2),
+        pp.lease()
+    );
+    assert!(
+        refused.is_some(),
+        "the keepers reconnected to a witness with fsync = off and kept using it: node1 {:?}, \
+         node2 {:?}\n{}\n{}",
+        witness_status(node1),
+        witness_status(node2),
+        node1.keeper_log().join("\n"),
+        node2.keeper_log().join("\n")
+    );
+    for node in pp.nodes() {
+        node.expect_log(
+            "cannot use the witness: the witness server runs with fsync = off",
+            Duration::from_secs(1),
+        );
+    }
+}
+
+/// Hole 3: a lease row of another cluster (another pair on the same witness database, or one
+/// that no longer exists) was obeyed like this pair's: a row naming "node2" made node1 fence
+/// itself, and an expired one could let node2 promote. Every statement now compares the
+/// cluster's system identifier: both keepers report the row as another cluster's and ignore it;
+/// node1 stays the primary, node2 a standby. Put back, the row is this cluster's again and
+/// node1 renews it.
+#[test]
+fn a_lease_of_another_cluster_is_never_obeyed() {
+    let (pp, checker) = writing("w-foreign-lease");
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    let witness = pp.witness.as_ref().expect("a witness");
+    let sysid = node1
+        .sql("SELECT system_identifier FROM pg_control_system()")
+        .unwrap();
+    let stored = witness
+        .sql("SELECT system_identifier FROM pg_keeper_lease WHERE id = 1")
+        .unwrap();
+    assert_eq!(stored, sysid, "the lease does not record this cluster");
+
+    let changed = Instant::now();
+    witness
+        .sql(
+            "UPDATE pg_keeper_lease SET system_identifier = '12345', holder = 'node2', \
+             timeline = 99, expires_at = clock_timestamp() + interval '1 hour' WHERE id = 1",
+        )
+        .unwrap();
+    for node in pp.nodes() {
+        node.expect_log(
+            "the lease on the witness belongs to another cluster (system identifier 12345",
+            Duration::from_secs(10),
+        );
+    }
+    // Well past a lease: nobody obeyed the row.
+    sleep(LEASE + Duration::from_secs(3));
+    assert_eq!(
+        node1.in_recovery(),
+        Some(false),
+        "node1 is no longer a primary"
+    );
+    assert_eq!(node2.in_recovery(), Some(true), "node2 promoted");
+    let (log1, log2) = (node1.keeper_log().join("\n"), node2.keeper_log().join("\n"));
+    assert!(
+        !log1.contains("superseded"),
+        "node1 obeyed another cluster's lease:\n{log1}"
+    );
+    assert!(
+        !log2.contains("took the lease") && !log2.contains("promoting this standby"),
+        "{log2}"
+    );
+    assert_eq!(
+        witness
+            .sql("SELECT system_identifier, holder, timeline FROM pg_keeper_lease WHERE id = 1")
+            .as_deref(),
+        Ok("12345|node2|99"),
+        "another cluster's row was overwritten"
+    );
+    expect_writes(
+        &checker,
+        node1,
+        changed + Duration::from_secs(2),
+        "node1 stopped committing",
+    );
+
+    // The row is put back as this cluster's: node1 renews it.
+    let restored = Instant::now();
+    witness
+        .sql(&format!(
+            "UPDATE pg_keeper_lease SET system_identifier = '{sysid}', holder = 'node1', \
+             timeline = 1, expires_at = clock_timestamp() WHERE id = 1"
+        ))
+        .unwrap();
+    for node in pp.nodes() {
+        node.expect_log("the witness is usable again", Duration::from_secs(15));
+    }
+    assert!(
+        wait_until(Duration::from_secs(15), || pp
+            .lease()
+            .is_some_and(|l| l.0 == "node1"
+                && l.2.as_deref() == Some("node2")
+                && l.3)),
+        "node1 does not hold the lease again: {:?}",
+        pp.lease()
+    );
+    eprintln!(
+        "[w-foreign-lease] lease renewed by node1 {} ms after the row was put back",
+        restored.elapsed().as_millis()
+    );
+    let v = conclude("w-foreign-lease", &pp, checker, "node1");
+    assert_eq!(v.acknowledged_by[1], 0, "{v:?}");
+}
+
+/// Hole 3b: a standby without pg_keeper.witness_conninfo beside a primary with one. Before the
+/// fix it acted as if there were no witness: a cut between the servers made it promote while
+/// the primary, holding the lease, switched to async and went on: two primaries. The primary's
+/// heartbeat answer now says that it uses a witness, and such a standby does not promote.
+#[test]
+fn a_standby_without_the_witness_beside_a_primary_with_one_does_not_promote() {
+    let (pp, checker) = writing("w-standby-without-witness");
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    let no_witness_reloads = || {
+        node2
+            .keeper_log()
+            .iter()
+            .filter(|l| l.contains("configuration reloaded") && l.contains("no witness"))
+            .count()
+    };
+    let before = no_witness_reloads();
+    node2.append_conf("pg_keeper.witness_conninfo = ''");
+    node2.reload();
+    assert!(
+        wait_until(Duration::from_secs(10), || no_witness_reloads() > before),
+        "node2 did not take in the empty witness_conninfo:\n{}",
+        node2.keeper_log().join("\n")
+    );
+    // A few heartbeats, so that node2 has heard from node1 that it uses a witness.
+    sleep(Duration::from_secs(3));
+
+    pp.link(Mode::Drop);
+    let cut = Instant::now();
+    node2.expect_log(
+        "but this standby does not, so it cannot take the lease",
+        BUDGET + MARGIN,
+    );
+    node1.expect_log("changed replication mode to asynchronous", BUDGET + MARGIN);
+    expect_writes(
+        &checker,
+        node1,
+        cut + BUDGET,
+        "writes did not resume on node1",
+    );
+    sleep(LEASE + Duration::from_secs(3));
+    assert_eq!(node2.in_recovery(), Some(true), "node2 promoted");
+    let log2 = node2.keeper_log().join("\n");
+    assert!(!log2.contains("promoting this standby"), "{log2}");
+
+    pp.link(Mode::Pass);
+    node1.expect_title("master mode:connected", Duration::from_secs(30));
+    eprintln!(
+        "[w-standby-without-witness] cut for {} ms; node2: {}",
+        cut.elapsed().as_millis(),
+        log2.lines()
+            .find(|l| l.contains("cannot take the lease"))
+            .unwrap_or_default()
+    );
+    let v = conclude("w-standby-without-witness", &pp, checker, "node1");
+    assert_eq!(v.acknowledged_by[1], 0, "{v:?}");
 }

@@ -403,6 +403,17 @@ impl Witness {
         self.node.start();
     }
 
+    /// A standby of this witness in `root/<name>` (pg_basebackup, streaming from it, started):
+    /// a witness server in recovery, which a keeper must refuse.
+    pub fn standby(&self, root: &Path, name: &'static str) -> Witness {
+        let standby = Witness {
+            node: Node::new(name, root, free_port()),
+            own_root: None,
+        };
+        standby.node.make_standby_of(&self.node);
+        standby
+    }
+
     /// Its real port (not a proxy's).
     pub fn port(&self) -> u16 {
         self.node.port
@@ -550,19 +561,8 @@ impl ProxiedPair {
     pub fn connected_with_witness(label: &str, opts: Options) -> ProxiedPair {
         let mut pp = ProxiedPair::connected(label, opts);
         let witness = Witness::create(&pp.pair.root);
-        pp.witness_from_node1.set_target(witness.port());
-        pp.witness_from_node2.set_target(witness.port());
+        pp.use_witness(witness.port());
         pp.witness = Some(witness);
-        for (node, proxy) in [
-            (&pp.pair.node1, &pp.witness_from_node1),
-            (&pp.pair.node2, &pp.witness_from_node2),
-        ] {
-            node.append_conf(&format!(
-                "pg_keeper.witness_conninfo = '{} connect_timeout=2'",
-                node_conninfo(proxy.port)
-            ));
-            node.reload();
-        }
         let witness = pp.witness.as_ref().unwrap();
         // The table's existence is checked first so that the polling does not fill the
         // witness's log with errors until the keeper has created it.
@@ -584,6 +584,24 @@ impl ProxiedPair {
             pp.pair.node2.keeper_log().join("\n")
         );
         pp
+    }
+
+    /// Points both witness proxies at the server on `port` and sets each node's
+    /// `pg_keeper.witness_conninfo` to its own witness proxy (then reloads it). Connections
+    /// already open through the proxies stay with the server they reached.
+    pub fn use_witness(&self, port: u16) {
+        self.witness_from_node1.set_target(port);
+        self.witness_from_node2.set_target(port);
+        for (node, proxy) in [
+            (&self.pair.node1, &self.witness_from_node1),
+            (&self.pair.node2, &self.witness_from_node2),
+        ] {
+            node.append_conf(&format!(
+                "pg_keeper.witness_conninfo = '{} connect_timeout=2'",
+                node_conninfo(proxy.port)
+            ));
+            node.reload();
+        }
     }
 
     /// The lease as the witness has it now, read on its real port: (holder, epoch,
