@@ -83,6 +83,10 @@ const ALIVE_PHRASES: &[&str] = &[
 ];
 
 fn classify_connect_failure(message: &str) -> Beat {
+    if message.contains(crate::serving::REFUSAL) {
+        // It refuses because it cannot serve: for the standby that is a lost primary.
+        return Beat::NoAnswer(message.to_string());
+    }
     if ALIVE_PHRASES.iter().any(|p| message.contains(p)) {
         Beat::Refused(message.to_string())
     } else {
