@@ -147,6 +147,31 @@ pub fn end_waiting_commits() -> Result<i64, String> {
     })
 }
 
+/// Terminates every client session and every logical replication session (not this process,
+/// not the physical WAL senders), and returns how many were ended.
+pub fn end_client_sessions() -> Result<i64, String> {
+    in_transaction(|| {
+        Spi::connect(|client| {
+            let rows = client
+                .select(
+                    "SELECT count(*) FILTER (WHERE pg_catalog.pg_terminate_backend(pid))::int8 \
+                     FROM pg_catalog.pg_stat_activity \
+                     WHERE pid <> pg_catalog.pg_backend_pid() \
+                       AND (backend_type = 'client backend' \
+                            OR (backend_type = 'walsender' AND datname IS NOT NULL))",
+                    Some(1),
+                    &[],
+                )
+                .map_err(|e| e.to_string())?;
+            Ok(rows
+                .first()
+                .get_one::<i64>()
+                .map_err(|e| e.to_string())?
+                .unwrap_or(0))
+        })
+    })
+}
+
 /// Standby only: whether the WAL receiver streams and heard from the primary within `window_ms`.
 pub fn wal_receiver_recent(window_ms: i64) -> Result<bool, String> {
     in_transaction(|| {

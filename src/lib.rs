@@ -40,6 +40,7 @@ pub extern "C-unwind" fn _PG_init() {
         return;
     }
     status::init();
+    serving::init();
     status::mark_available();
     warn_if_standby_without_hot_standby();
     BackgroundWorkerBuilder::new("pg_keeper")

@@ -16,6 +16,7 @@ use crate::conninfo::{self, Conninfo};
 use crate::db;
 use crate::heartbeat::{shutdown_requested, Beat, Connection, Node};
 use crate::identity::{self, Identity};
+use crate::serving;
 use crate::settings::Settings;
 use crate::status;
 use crate::witness::{LeaseRow, Witness};
@@ -193,7 +194,11 @@ impl Worker {
             self.reload_if_requested();
             self.follow_pause();
             let now = Instant::now();
-            let due = self.last_tick.map_or(now, |t| t + self.tick_interval());
+            let mut due = self.last_tick.map_or(now, |t| t + self.tick_interval());
+            // Wake up for the deadline by which an isolated primary must stop serving.
+            if let (Some(t), Some(d)) = (self.last_tick, self.serve_deadline()) {
+                due = due.min(d.max(t + Duration::from_millis(1)));
+            }
             if now >= due {
                 self.last_tick = Some(now);
                 self.recheck_after = None;
@@ -352,13 +357,30 @@ impl Worker {
         keeper_core::Settings {
             allow_data_loss_failover: self.settings.allow_data_loss_failover,
             keepalive_count: self.settings.keepalive_count,
+            keepalive_time_ms: self.settings.keepalive_time.as_millis() as u64,
             promote_timeout_ms: PROMOTE_AGAIN_AFTER.as_millis() as u64,
             me_name: me,
             peer_name: peer,
         }
     }
 
+    /// When this primary must have stopped serving unless it reaches the standby or the
+    /// witness first (with a witness; see [`Keeper::serve_deadline_ms`]).
+    fn serve_deadline(&self) -> Option<Instant> {
+        self.witness.as_ref()?;
+        let ms = self.keeper.serve_deadline_ms(&self.core_settings())?;
+        Some(self.started + Duration::from_millis(ms))
+    }
+
+    /// How long one call (heartbeat, lease statement) may wait: an interval, and no later than
+    /// the serving deadline, which the core must see passed when it comes.
+    fn call_deadline(&self) -> Instant {
+        let interval = Instant::now() + self.settings.keepalive_time;
+        self.serve_deadline().map_or(interval, |d| d.min(interval))
+    }
+
     fn tick(&mut self) {
+        let tick_started_ms = self.started.elapsed().as_millis() as u64;
         let in_recovery = actuators::in_recovery();
         if self.identity.is_none() {
             self.identify(in_recovery);
@@ -390,7 +412,7 @@ impl Worker {
             String::new()
         };
         let beat = if mode.heartbeats() {
-            let deadline = Instant::now() + self.settings.keepalive_time;
+            let deadline = self.call_deadline();
             let Some(peer) = self.peer.as_mut() else {
                 return;
             };
@@ -441,6 +463,7 @@ impl Worker {
         let lease = self.observe_lease(mode, in_recovery, my_timeline, sync_standby_now);
         let obs = Observation {
             now_ms: self.started.elapsed().as_millis() as u64,
+            tick_started_ms,
             in_recovery,
             sync_configured,
             standby_streaming: view.streaming,
@@ -481,7 +504,7 @@ impl Worker {
         let primary = mode.is_master() && !in_recovery;
         let standby = matches!(mode, Mode::StandbyWaiting | Mode::StandbyConnected);
         let lease_time = self.settings.lease_time();
-        let deadline = Instant::now() + self.settings.keepalive_time;
+        let deadline = self.call_deadline();
         let Some(witness) = self.witness.as_mut() else {
             return Lease::NotConfigured;
         };
@@ -910,6 +933,20 @@ impl Worker {
                         );
                     }
                 }),
+                Action::StopServing => serving::stop().map(|n| {
+                    if n > 0 {
+                        self.event(
+                            "sessions_ended",
+                            Level::Warning,
+                            &format!("ended {n} session(s): this primary is isolated and serves no session until it reaches the standby or the witness"),
+                            Some("A COMMIT that got no answer is of unknown outcome; a client should reconnect to whichever node is primary."),
+                        );
+                    }
+                }),
+                Action::ResumeServing => {
+                    serving::resume();
+                    Ok(())
+                }
                 Action::RunAfterCommand(event) => self.run_after_command(event),
             };
             match result {

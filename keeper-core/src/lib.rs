@@ -35,6 +35,10 @@ pub enum Mode {
     /// A primary that found the other node primary on a newer timeline: it has shut its server
     /// down, to start again only as a standby.
     Fenced,
+    /// A primary that has reached neither its standby nor the witness for nearly the lease
+    /// time, while the lease may name the standby: it refuses every session, strictly before the
+    /// standby may take the lease, and serves again when it reaches either of them.
+    Isolated,
 }
 
 impl Mode {
@@ -49,19 +53,20 @@ impl Mode {
             Mode::StandbyConnected => "standby mode:connected",
             Mode::Promoting => "standby mode:promoting",
             Mode::Fenced => "fenced",
+            Mode::Isolated => "master mode:isolated",
         }
     }
 
     pub fn is_master(self) -> bool {
         matches!(
             self,
-            Mode::MasterWaiting | Mode::MasterConnected | Mode::MasterAsync
+            Mode::MasterWaiting | Mode::MasterConnected | Mode::MasterAsync | Mode::Isolated
         )
     }
 
-    /// Whether the worker heartbeats the peer in this mode.
     /// Whether the worker heartbeats the peer in this mode. A primary heartbeats even without a
-    /// standby, to find out if the other node has become a primary on a newer timeline.
+    /// standby, to find out if the other node has become a primary on a newer timeline; an
+    /// isolated one, to find out when it reaches the standby again.
     pub fn heartbeats(self) -> bool {
         matches!(
             self,
@@ -70,6 +75,7 @@ impl Mode {
                 | Mode::MasterAsync
                 | Mode::StandbyWaiting
                 | Mode::StandbyConnected
+                | Mode::Isolated
         )
     }
 
@@ -78,7 +84,7 @@ impl Mode {
         matches!(self, Mode::MasterConnected | Mode::StandbyConnected)
     }
 
-    pub const ALL: [Mode; 8] = [
+    pub const ALL: [Mode; 9] = [
         Mode::Unidentified,
         Mode::MasterWaiting,
         Mode::MasterConnected,
@@ -87,6 +93,7 @@ impl Mode {
         Mode::StandbyConnected,
         Mode::Promoting,
         Mode::Fenced,
+        Mode::Isolated,
     ];
 }
 
@@ -135,6 +142,11 @@ pub enum Action {
     /// a cancelled wait is reported to the client as a commit, with only a WARNING that it might
     /// not be replicated; a terminated session gets no answer to its COMMIT.
     EndWaitingCommits,
+    /// Refuse every new session (physical replication excepted) and end every session: an
+    /// isolated primary serves neither writes nor reads that could be stale. Idempotent.
+    StopServing,
+    /// Accept sessions again.
+    ResumeServing,
     /// Start `pg_keeper.after_command` for this event (when one is set).
     RunAfterCommand(AfterEvent),
 }
@@ -201,8 +213,11 @@ pub enum Lease {
 /// What the worker saw during one tick.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observation {
-    /// Monotonic clock, milliseconds.
+    /// Monotonic clock, milliseconds, when the observations are complete.
     pub now_ms: u64,
+    /// Monotonic clock, milliseconds, when the tick began: its heartbeat and its lease
+    /// statement were sent no earlier than this.
+    pub tick_started_ms: u64,
     /// This server is in recovery (a standby).
     pub in_recovery: bool,
     /// `synchronous_standby_names` is not empty on this server.
@@ -324,6 +339,15 @@ pub enum Event {
     FenceFailed,
     RestoreFailed,
     EndWaitingFailed,
+    /// (Primary.) Neither the standby nor the witness answered for nearly the lease time, and
+    /// the lease may name the standby: it may take the lease soon.
+    Isolated,
+    /// (Isolated.) Still neither.
+    StillIsolated,
+    /// (Isolated.) The witness renewed the lease, or the standby answered.
+    ContactRegained,
+    StopServingFailed,
+    ResumeFailed,
     /// The primary has not answered yet since this standby started; failover is not armed.
     PeerNotYetSeen,
     /// This standby took the lease to promote before a restart: it goes on with the promotion.
@@ -392,6 +416,8 @@ const FENCE: &[Action] = &[Fence];
 /// Neither the standby nor the witness: no commit may be reported as done, not even one whose
 /// wait a client cancels; every tick, the sessions waiting are ended.
 const END_WAITING: &[Action] = &[EndWaitingCommits];
+const STOP_SERVING: &[Action] = &[StopServing];
+const RESUME_SERVING: &[Action] = &[ResumeServing];
 const NONE: &[Action] = &[];
 
 /// Every legal move of the keeper. A (mode, event) pair that is not here leaves the mode as it is
@@ -418,6 +444,15 @@ pub const TRANSITIONS: &[Transition] = &[
     row(MasterConnected, E::RestoreFailed, MasterConnected, NONE, Warn, "could not restore synchronous replication; will retry"),
     row(MasterConnected, E::AfterCommandFailed, MasterConnected, NONE, Warn, "could not start after_command"),
     row(MasterAsync, E::AfterCommandFailed, MasterAsync, NONE, Warn, "could not start after_command"),
+    // A primary cut off from both its standby and the witness stops serving before the standby
+    // may take the lease (see the README's "An isolated primary").
+    row(MasterWaiting, E::Isolated, Isolated, STOP_SERVING, Warn, ISOLATED_SAYS),
+    row(MasterConnected, E::Isolated, Isolated, STOP_SERVING, Warn, ISOLATED_SAYS),
+    row(MasterAsync, E::Isolated, Isolated, STOP_SERVING, Warn, ISOLATED_SAYS),
+    row(Isolated, E::StillIsolated, Isolated, STOP_SERVING, Dbg, "still isolated; ending any session that began meanwhile"),
+    row(Isolated, E::StopServingFailed, Isolated, NONE, Warn, "could not stop serving; will retry"),
+    row(Isolated, E::ContactRegained, MasterConnected, RESUME_SERVING, Log, "serving again"),
+    row(MasterConnected, E::ResumeFailed, Isolated, NONE, Warn, "could not accept sessions again; will retry"),
     // Standby.
     row(StandbyWaiting, E::HeartbeatOk, StandbyConnected, NONE, Log, "primary {peer} is alive; automatic failover is armed"),
     row(StandbyWaiting, E::HeartbeatRefused, StandbyConnected, NONE, Warn, "primary {peer} is alive but refused the heartbeat; automatic failover is armed"),
@@ -439,6 +474,8 @@ pub const TRANSITIONS: &[Transition] = &[
     row(MasterWaiting, E::SupersededByLease, Fenced, FENCE, Warn, "superseded: the lease on the witness names {peer}, on a timeline not older than this server's; fencing this server"),
     row(MasterConnected, E::SupersededByLease, Fenced, FENCE, Warn, "superseded: the lease on the witness names {peer}, on a timeline not older than this server's; fencing this server"),
     row(MasterAsync, E::SupersededByLease, Fenced, FENCE, Warn, "superseded: the lease on the witness names {peer}, on a timeline not older than this server's; fencing this server"),
+    row(Isolated, E::Superseded, Fenced, FENCE, Warn, "superseded: {peer} is a primary on a newer timeline; fencing this server"),
+    row(Isolated, E::SupersededByLease, Fenced, FENCE, Warn, "superseded: the lease on the witness names {peer}, on a timeline not older than this server's; fencing this server"),
     row(Fenced, E::FenceFailed, Fenced, NONE, Warn, "could not fence this server; stop it by hand"),
     row(Promoting, E::DegradeFailed, Promoting, NONE, Warn, "could not switch to asynchronous replication after the promotion request; commits may wait for a synchronous standby until it is fixed"),
     row(Promoting, E::TakeFailed, StandbyConnected, NONE, Warn, "not promoting: could not take the lease on the witness; will retry"),
@@ -450,6 +487,8 @@ pub const TRANSITIONS: &[Transition] = &[
     row(StandbyWaiting, E::RecoveryEnded, MasterWaiting, NONE, Log, "server was promoted outside pg_keeper; switching to master mode"),
     row(StandbyConnected, E::RecoveryEnded, MasterWaiting, NONE, Log, "server was promoted outside pg_keeper; switching to master mode"),
 ];
+
+const ISOLATED_SAYS: &str = "isolated: this primary has reached neither standby {peer} nor the witness for nearly the lease time, so the standby may take the lease; refusing new sessions and ending every session until it reaches one of them";
 
 /// Conditions that can repeat every tick: logged once per distinct reason.
 const ONCE_PER_REASON: &[Event] = &[
@@ -472,6 +511,8 @@ pub fn transition(from: Mode, on: Event) -> Option<&'static Transition> {
 pub struct Settings {
     /// Consecutive failed heartbeats before acting (at least 1).
     pub keepalive_count: u32,
+    /// `pg_keeper.keepalive_time` in milliseconds (the lease lasts [`lease_time_ms`] of it).
+    pub keepalive_time_ms: u64,
     /// How long after a promotion request it is made again while the server is still in
     /// recovery (a startup process waiting to retry WAL can sleep past a first request).
     pub promote_timeout_ms: u64,
@@ -486,6 +527,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             keepalive_count: 1,
+            keepalive_time_ms: 1000,
             promote_timeout_ms: 60_000,
             allow_data_loss_failover: false,
             me_name: "this node".into(),
@@ -540,6 +582,8 @@ impl Decision {
             E::PeerLostNotSynchronous => "promotion_held",
             E::Superseded | E::SupersededByLease => "superseded",
             E::PeerLostNoLease => "async_held",
+            E::Isolated | E::StillIsolated => "isolated",
+            E::ContactRegained => "serving_again",
             E::PeerLostLeaseWithheld | E::PeerLostWitnessMismatch => "promotion_held",
             E::DegradeFailed
             | E::PromoteFailed
@@ -548,6 +592,8 @@ impl Decision {
             | E::ReleaseFailed
             | E::TakeFailed
             | E::EndWaitingFailed
+            | E::StopServingFailed
+            | E::ResumeFailed
             | E::AfterCommandFailed => "action_failed",
         }
     }
@@ -573,6 +619,15 @@ pub struct Keeper {
     trust: SyncTrust,
     /// The actions of the last decision not yet performed, in order (see [`Keeper::next_action`]).
     pending: Vec<Action>,
+    /// (Primary.) The start of the last tick in which the witness renewed the lease or the
+    /// standby answered; None: not since this keeper started.
+    last_contact_ms: Option<u64>,
+    /// (Primary.) The lease on the witness may name the standby: a renewal that named it was
+    /// sent (answered or not) since the last one that named nobody went through. Until a
+    /// renewal says otherwise, it may (a restarted server does not know).
+    lease_may_name_standby: bool,
+    /// (Primary.) Whether this tick's renewal names the standby ([`Keeper::lease_names_standby`]).
+    naming_standby: bool,
 }
 
 /// What a restarted worker needs to go on where the last one stopped: the worker keeps it in
@@ -586,6 +641,7 @@ pub struct Memory {
     pub peer_used_witness: bool,
     pub trust: SyncTrust,
     pub pending: [Option<Action>; MAX_ACTIONS],
+    pub lease_may_name_standby: bool,
 }
 
 /// The most actions a decision has.
@@ -609,6 +665,9 @@ impl Keeper {
             peer_used_witness: false,
             trust: SyncTrust::default(),
             pending: Vec::new(),
+            last_contact_ms: None,
+            lease_may_name_standby: true,
+            naming_standby: false,
         }
     }
 
@@ -650,7 +709,38 @@ impl Keeper {
         standby: Option<StandbySeen>,
     ) -> bool {
         let confirmed = self.trust.follow(sync_in_force, insert_lsn, standby);
-        self.mode == MasterConnected && confirmed
+        self.naming_standby = self.mode == MasterConnected && confirmed;
+        self.lease_may_name_standby |= self.naming_standby;
+        self.naming_standby
+    }
+
+    /// (Primary.) By when, on the monotonic clock of [`Observation::now_ms`], this primary must
+    /// have stopped serving unless it reaches the standby or the witness first; None when no
+    /// deadline runs (no contact yet since it started: it stops at its first tick without one).
+    /// The standby may take the lease no sooner than [`lease_time_ms`] after the last renewal
+    /// was sent, on the witness's clock; this is [`LEASE_MARGIN_MS`] earlier. The worker bounds
+    /// its calls by it and wakes up for it.
+    pub fn serve_deadline_ms(&self, s: &Settings) -> Option<u64> {
+        if !matches!(self.mode, MasterWaiting | MasterConnected | MasterAsync)
+            || !self.lease_may_name_standby
+        {
+            return None;
+        }
+        let budget = lease_time_ms(s.keepalive_time_ms).saturating_sub(LEASE_MARGIN_MS);
+        self.last_contact_ms.map(|t| t.saturating_add(budget))
+    }
+
+    /// (Primary.) Whether this tick leaves the primary isolated: a witness is configured, the
+    /// lease may name the standby, and neither answered since the deadline.
+    fn isolated(&self, obs: &Observation, s: &Settings) -> bool {
+        if matches!(obs.lease, Lease::NotConfigured) || contact(obs) {
+            return false;
+        }
+        if !self.lease_may_name_standby {
+            return false;
+        }
+        self.serve_deadline_ms(s)
+            .is_none_or(|deadline| obs.now_ms >= deadline)
     }
 
     /// What to keep for a restarted worker.
@@ -666,6 +756,7 @@ impl Keeper {
             peer_used_witness: self.peer_used_witness,
             trust: self.trust,
             pending,
+            lease_may_name_standby: self.lease_may_name_standby,
         }
     }
 
@@ -680,6 +771,7 @@ impl Keeper {
             peer_used_witness: m.peer_used_witness,
             trust: m.trust,
             pending: m.pending.iter().flatten().copied().collect(),
+            lease_may_name_standby: m.lease_may_name_standby,
             ..Keeper::new()
         }
     }
@@ -694,6 +786,10 @@ impl Keeper {
     pub fn action_done(&mut self, action: Action) {
         if self.pending.first() == Some(&action) {
             self.pending.remove(0);
+        }
+        if matches!(action, ReleaseStandby | TakeLease) {
+            // The lease now records no synchronous standby.
+            self.lease_may_name_standby = false;
         }
     }
 
@@ -722,6 +818,8 @@ impl Keeper {
                     ReleaseStandby => E::ReleaseFailed,
                     TakeLease => E::TakeFailed,
                     EndWaitingCommits => E::EndWaitingFailed,
+                    StopServing => E::StopServingFailed,
+                    ResumeServing => E::ResumeFailed,
                     RunAfterCommand(_) => E::AfterCommandFailed,
                 };
                 (e, why.clone())
@@ -734,15 +832,28 @@ impl Keeper {
         let count = s.keepalive_count.max(1);
         match self.mode {
             Unidentified => (E::Idle, String::new()),
-            MasterWaiting | MasterConnected | MasterAsync
+            MasterWaiting | MasterConnected | MasterAsync | Isolated
                 if obs.peer_newer_primary && obs.heartbeat == Some(Heartbeat::Answered) =>
             {
                 (E::Superseded, String::new())
             }
-            MasterWaiting | MasterConnected | MasterAsync
+            MasterWaiting | MasterConnected | MasterAsync | Isolated
                 if matches!(obs.lease, Lease::Peer { newer: true, .. }) =>
             {
                 (E::SupersededByLease, String::new())
+            }
+            Isolated if contact(obs) => (E::ContactRegained, regained(obs, s)),
+            Isolated => (E::StillIsolated, String::new()),
+            MasterWaiting | MasterConnected | MasterAsync if self.isolated(obs, s) => {
+                let since = match self.last_contact_ms {
+                    Some(t) => format!(
+                        "no answer for {} ms; the lease lasts {} ms",
+                        obs.now_ms.saturating_sub(t),
+                        lease_time_ms(s.keepalive_time_ms)
+                    ),
+                    None => "no answer since the keeper started".to_string(),
+                };
+                (E::Isolated, since)
             }
             MasterWaiting | MasterAsync if obs.standby_streaming => {
                 (E::StandbyStreaming, String::new())
@@ -857,9 +968,19 @@ impl Keeper {
             self.peer_used_witness = *uses;
         }
         if let Input::ActionFailed(action, _) = input {
-            self.action_done(*action);
+            if self.pending.first() == Some(action) {
+                self.pending.remove(0);
+            }
         }
         let (event, detail) = self.event_for(input, s);
+        if let Input::Tick(obs) = input {
+            if self.mode.is_master() && contact(obs) {
+                self.last_contact_ms = Some(obs.tick_started_ms);
+            }
+            if self.mode.is_master() && obs.lease == Lease::Held {
+                self.lease_may_name_standby = self.naming_standby;
+            }
+        }
         let from = self.mode;
         let now = match input {
             Input::Tick(obs) => Some(obs.now_ms),
@@ -947,6 +1068,27 @@ impl Keeper {
             sentence,
             held: false,
         }
+    }
+}
+
+/// (Primary.) This tick reached the witness (the lease was renewed) or the standby: its
+/// heartbeat was answered and it streams from this primary, so its WAL receiver guard holds it
+/// back from promoting. An answer alone is not enough: a standby that no longer streams and
+/// cannot reach this primary may take an expired lease while this primary still reaches it.
+fn contact(obs: &Observation) -> bool {
+    obs.lease == Lease::Held
+        || (obs.heartbeat == Some(Heartbeat::Answered) && obs.standby_streaming)
+}
+
+/// What an isolated primary reached again.
+fn regained(obs: &Observation, s: &Settings) -> String {
+    match (&obs.lease, &obs.heartbeat) {
+        (Lease::Held, _) => "the witness renewed this primary's lease".into(),
+        (lease, _) => format!(
+            "standby {} answered, but {}",
+            s.peer_name,
+            lease_problem(lease)
+        ),
     }
 }
 

@@ -5,6 +5,7 @@ use super::*;
 fn settings(count: u32) -> Settings {
     Settings {
         keepalive_count: count,
+        keepalive_time_ms: 1000,
         promote_timeout_ms: 10_000,
         allow_data_loss_failover: false,
         me_name: "node1".into(),
@@ -15,6 +16,7 @@ fn settings(count: u32) -> Settings {
 fn tick(now_ms: u64, in_recovery: bool, hb: Option<Heartbeat>) -> Input {
     Input::Tick(Observation {
         now_ms,
+        tick_started_ms: now_ms,
         in_recovery,
         sync_configured: true,
         standby_streaming: true,
@@ -400,6 +402,8 @@ fn every_row_is_reachable_from_some_input() {
         Input::ActionFailed(ReleaseStandby, "f".into()),
         Input::ActionFailed(TakeLease, "g".into()),
         Input::ActionFailed(EndWaitingCommits, "h".into()),
+        Input::ActionFailed(StopServing, "i".into()),
+        Input::ActionFailed(ResumeServing, "j".into()),
     ];
     let leases = [
         Lease::NotConfigured,
@@ -427,6 +431,7 @@ fn every_row_is_reachable_from_some_input() {
                             for lease in &leases {
                                 inputs.push(Input::Tick(Observation {
                                     now_ms,
+                                    tick_started_ms: now_ms,
                                     in_recovery,
                                     sync_configured,
                                     standby_streaming,
@@ -451,9 +456,11 @@ fn every_row_is_reachable_from_some_input() {
         let s = settings(count);
         for mode in Mode::ALL {
             for input in &inputs {
-                for (was_synchronous, peer_used_witness) in
-                    [(false, false), (true, false), (true, true)]
-                {
+                for (was_synchronous, peer_used_witness, last_contact_ms) in [
+                    (false, false, None),
+                    (true, false, Some(0)),
+                    (true, true, Some(0)),
+                ] {
                     let mut k = Keeper {
                         mode,
                         failures: 0,
@@ -464,6 +471,9 @@ fn every_row_is_reachable_from_some_input() {
                         peer_used_witness,
                         trust: SyncTrust::default(),
                         pending: Vec::new(),
+                        last_contact_ms,
+                        lease_may_name_standby: true,
+                        naming_standby: false,
                     };
                     let d = k.step(input, &s);
                     fired.insert((d.from, d.event));
@@ -484,6 +494,7 @@ fn every_row_is_reachable_from_some_input() {
 fn catch_up_tick(now_ms: u64, caught_up: bool) -> Input {
     Input::Tick(Observation {
         now_ms,
+        tick_started_ms: now_ms,
         in_recovery: false,
         sync_configured: false,
         standby_streaming: true,
@@ -630,6 +641,7 @@ fn standby_tick(
 ) -> Input {
     Input::Tick(Observation {
         now_ms,
+        tick_started_ms: now_ms,
         in_recovery: true,
         sync_configured: true,
         standby_streaming: false,
@@ -756,6 +768,7 @@ fn a_standby_that_answers_but_does_not_stream_counts_as_a_failure_for_the_primar
     let answered_not_streaming = |now_ms| {
         Input::Tick(Observation {
             now_ms,
+            tick_started_ms: now_ms,
             in_recovery: false,
             sync_configured: true,
             standby_streaming: false,
@@ -1325,4 +1338,176 @@ fn what_a_peer_answer_means_depends_on_which_side_asks() {
         (none.peer_says_synchronous, none.peer_uses_witness),
         (None, None)
     );
+}
+
+/// A primary with a witness, connected, whose last renewal (at `t`) named its standby.
+fn primary_holding_lease_naming_standby(t: u64) -> (Keeper, Settings) {
+    let (mut k, s) = master_connected(3);
+    for _ in 0..3 {
+        assert!(k.lease_names_standby(true, 10, Some(standby_at(10))));
+    }
+    let d = k.step(
+        &with_lease(tick(t, false, Some(Heartbeat::Answered)), Lease::Held),
+        &s,
+    );
+    assert_eq!(d.to, MasterConnected);
+    (k, s)
+}
+
+fn standby_at(flush_lsn: u64) -> StandbySeen {
+    StandbySeen {
+        synchronous: true,
+        flush_lsn,
+    }
+}
+
+/// A tick that reaches neither the standby nor the witness, begun at `started`, decided at `now`.
+fn cut_off(started: u64, now: u64) -> Input {
+    match with_lease(
+        tick(now, false, no_answer()),
+        Lease::Unreachable("timeout".into()),
+    ) {
+        Input::Tick(obs) => Input::Tick(Observation {
+            tick_started_ms: started,
+            standby_streaming: false,
+            ..obs
+        }),
+        other => other,
+    }
+}
+
+#[test]
+fn an_isolated_primary_stops_serving_before_the_standby_may_take_the_lease() {
+    let (mut k, s) = primary_holding_lease_naming_standby(1000);
+    // The lease (3 x 1000 + 200 ms from the renewal sent at 1000) may be taken from 4200 on;
+    // the primary must have stopped by 4000 at the latest.
+    assert_eq!(k.serve_deadline_ms(&s), Some(4000));
+    for (started, now) in [(2000, 2900), (3000, 3999)] {
+        let d = k.step(&cut_off(started, now), &s);
+        assert_ne!(d.to, Isolated, "at {now}: {}", d.sentence);
+        assert!(!d.actions.contains(&StopServing));
+    }
+    let d = k.step(&cut_off(3999, 4000), &s);
+    assert_eq!((d.to, d.actions.clone()), (Isolated, vec![StopServing]));
+    assert_eq!(d.level, Level::Warning);
+    assert!(
+        d.sentence.contains("no answer for 3000 ms"),
+        "{}",
+        d.sentence
+    );
+    assert_eq!(k.title(), "master mode:isolated");
+    assert_eq!(d.history_name(), "isolated");
+    // Every tick it ends whatever began meanwhile, quietly.
+    let d = k.step(&cut_off(4000, 5000), &s);
+    assert_eq!(
+        (d.to, d.actions.clone(), d.level),
+        (Isolated, vec![StopServing], Level::Debug)
+    );
+    // The witness again: it serves again and counts afresh.
+    let back = with_lease(tick(6000, false, no_answer()), Lease::Held);
+    let d = k.step(&back, &s);
+    assert_eq!(
+        (d.to, d.actions.clone()),
+        (MasterConnected, vec![ResumeServing])
+    );
+    assert!(d.sentence.contains("witness renewed"), "{}", d.sentence);
+    assert_eq!(k.failures(), 0);
+}
+
+#[test]
+fn an_isolated_primary_serves_again_when_only_the_standby_answers() {
+    let (mut k, s) = primary_holding_lease_naming_standby(0);
+    assert_eq!(k.step(&cut_off(3000, 3100), &s).to, Isolated);
+    let standby_only = with_lease(
+        tick(4000, false, Some(Heartbeat::Answered)),
+        Lease::Unreachable("timeout".into()),
+    );
+    let d = k.step(&standby_only, &s);
+    assert_eq!(
+        (d.to, d.actions.clone()),
+        (MasterConnected, vec![ResumeServing])
+    );
+    assert!(
+        d.sentence.contains("witness cannot be reached"),
+        "{}",
+        d.sentence
+    );
+    // Its deadline runs from that answer.
+    assert_eq!(k.serve_deadline_ms(&s), Some(7000));
+}
+
+#[test]
+fn an_isolated_primary_that_was_superseded_fences_itself() {
+    let (mut k, s) = primary_holding_lease_naming_standby(0);
+    assert_eq!(k.step(&cut_off(3000, 3100), &s).to, Isolated);
+    let taken = with_lease(
+        tick(5000, false, no_answer()),
+        Lease::Peer {
+            newer: true,
+            expired: false,
+            names_me: false,
+        },
+    );
+    let d = k.step(&taken, &s);
+    assert_eq!((d.to, d.actions.clone()), (Fenced, vec![Fence]));
+}
+
+#[test]
+fn a_primary_whose_lease_names_no_standby_keeps_serving_when_cut_off() {
+    // Released: nobody can take the lease, so serving alone cannot give two primaries.
+    let (mut k, s) = primary_holding_lease_naming_standby(0);
+    k.action_done(ReleaseStandby);
+    assert_eq!(k.serve_deadline_ms(&s), None);
+    for t in 1..10 {
+        let d = k.step(&cut_off(t * 1000, t * 1000 + 900), &s);
+        assert_ne!(d.to, Isolated);
+    }
+    // A renewal that names nobody does the same; one that names the standby, even unanswered,
+    // puts the deadline back.
+    let (mut k, s) = primary_holding_lease_naming_standby(0);
+    assert!(!k.lease_names_standby(false, 10, None));
+    k.step(&with_lease(tick(1000, false, no_answer()), Lease::Held), &s);
+    assert_eq!(k.serve_deadline_ms(&s), None);
+    assert!(k.lease_names_standby(true, 10, Some(standby_at(10))));
+    k.step(&cut_off(2000, 2100), &s);
+    assert_eq!(k.serve_deadline_ms(&s), Some(4000));
+}
+
+#[test]
+fn without_a_witness_a_primary_is_never_isolated() {
+    let (mut k, s) = master_connected(3);
+    for t in 1..10 {
+        let d = k.step(&tick(t * 1000, false, no_answer()), &s);
+        assert_ne!(d.to, Isolated);
+        if d.to == MasterAsync {
+            break;
+        }
+    }
+}
+
+#[test]
+fn a_primary_that_starts_cut_off_does_not_serve_until_it_reaches_one() {
+    // After a restart it cannot know what the lease says, nor since when.
+    let s = settings(3);
+    let mut k = Keeper::new();
+    k.step(&Input::Identified { in_recovery: false }, &s);
+    let d = k.step(&cut_off(0, 900), &s);
+    assert_eq!((d.to, d.actions.clone()), (Isolated, vec![StopServing]));
+    assert!(
+        d.sentence.contains("since the keeper started"),
+        "{}",
+        d.sentence
+    );
+    let mut k = Keeper::new();
+    k.step(&Input::Identified { in_recovery: false }, &s);
+    let answered = with_lease(
+        tick(0, false, Some(Heartbeat::Answered)),
+        Lease::Unreachable("down".into()),
+    );
+    assert_ne!(k.step(&answered, &s).to, Isolated);
+    // A paused keeper stops serving too: the standby's takeover is not paused with it.
+    let mut k = Keeper::new();
+    k.step(&Input::Identified { in_recovery: false }, &s);
+    k.set_paused(true);
+    assert_eq!(k.step(&cut_off(0, 900), &s).actions, vec![StopServing]);
 }

@@ -263,6 +263,12 @@ pub fn run(c: &Config, s: &Schedule, trace: bool) -> Outcome {
             }
         }
         checked_acks = w.acks.len();
+        // (d) nobody took the lease while the other node served.
+        if violation.is_none() {
+            if let Some(what) = w.served_past_lease.take() {
+                violation = Some(Violation { at: w.now, what });
+            }
+        }
     }
     if violation.is_none() && c.check_liveness {
         // (c) exactly one primary once everything healed.
@@ -347,7 +353,10 @@ fn apply(w: &mut World, f: Fault) {
         Fault::WitnessPath(n, l) => w.wit[n] = l,
         Fault::WitnessDown => w.witness.down = true,
         Fault::WitnessUp => w.witness.down = false,
-        Fault::WitnessClock(ms) => w.witness.offset += ms,
+        Fault::WitnessClock(ms) => {
+            w.witness.offset += ms;
+            w.witness_clock_stepped = true;
+        }
         Fault::ForeignLease => {
             let expires_at = w.witness.clock(w.now) + w.c.lease_ms() as i64;
             w.witness.row = Some(model::Row {

@@ -74,6 +74,8 @@ pub struct Server {
     /// The keeper's memory in shared memory: kept across a restart of the worker, gone with
     /// the server.
     pub keeper_memory: Option<keeper_core::Memory>,
+    /// The keeper refuses sessions (an isolated primary), in shared memory.
+    pub refusing: bool,
 }
 
 impl Server {
@@ -99,6 +101,7 @@ impl Server {
             last_keepalive: 0,
             sender: None,
             keeper_memory: None,
+            refusing: false,
         }
     }
 
@@ -109,7 +112,12 @@ impl Server {
 
     /// It accepts writes (a client with `target_session_attrs=read-write` would use it).
     pub fn writable(&self, now: Ms) -> bool {
-        self.running(now) && !self.in_recovery
+        self.serves(now)
+    }
+
+    /// A primary that lets clients in: they could read from it, and write.
+    pub fn serves(&self, now: Ms) -> bool {
+        self.running(now) && !self.in_recovery && !self.refusing
     }
 
     pub fn insert_lsn(&self) -> usize {
@@ -126,6 +134,8 @@ impl Server {
         self.sender = None;
         self.sync_change_at = None;
         self.keeper_memory = None;
+        // The keeper's flag was in shared memory.
+        self.refusing = false;
     }
 
     /// Starts the server again: in recovery if it was a standby or has `standby.signal`.

@@ -94,6 +94,8 @@ enum Phase {
 /// What a tick has seen so far.
 #[derive(Clone, Debug)]
 struct Partial {
+    /// When the tick began (its calls were sent no earlier).
+    started: Ms,
     in_recovery: bool,
     mode: Mode,
     sync_configured: bool,
@@ -109,6 +111,8 @@ struct Partial {
     lease: Lease,
     /// The slow path to the witness has been waited out.
     witness_waited: bool,
+    /// The worker stopped waiting for the slow witness at its serving deadline.
+    witness_gave_up: bool,
 }
 
 /// What the peer said of itself in its heartbeat answer.
@@ -197,6 +201,13 @@ pub struct World {
     witness_problem: [Option<String>; 2],
     /// A crash or worker restart to inject right after a node performs an action.
     pub after_action: Vec<(usize, Action, crate::AfterAction)>,
+    /// The witness's clock has been stepped: check (d) rests on its rate, so it is not made.
+    pub witness_clock_stepped: bool,
+    /// What check (d) found, if anything: a node took the lease while the other still served.
+    pub served_past_lease: Option<String>,
+    /// When each node's worker last began a tick that reached the witness (renewed the lease)
+    /// or its streaming standby (heartbeat answered, replication streaming).
+    pub last_reached: [Option<Ms>; 2],
 }
 
 pub const NAMES: [&str; 2] = ["node1", "node2"];
@@ -229,6 +240,9 @@ impl World {
             epoch: 0,
             witness_problem: [None, None],
             after_action: Vec::new(),
+            witness_clock_stepped: false,
+            served_past_lease: None,
+            last_reached: [None, None],
         };
         // Settle: both keepers connected and synchronous.
         for _ in 0..(5 * w.c.keepalive_ms / w.c.step_ms) {
@@ -247,6 +261,7 @@ impl World {
     fn settings(&self, n: usize) -> Settings {
         Settings {
             keepalive_count: self.c.keepalive_count,
+            keepalive_time_ms: self.c.keepalive_ms,
             promote_timeout_ms: 100,
             allow_data_loss_failover: false,
             me_name: NAMES[n].into(),
@@ -420,6 +435,7 @@ impl World {
 
     fn run_worker(&mut self, n: usize) {
         let now = self.now;
+        let s = self.settings(n);
         if !self.servers[n].running(now) {
             return;
         }
@@ -430,7 +446,11 @@ impl World {
         };
         match w.phase.clone() {
             Phase::Idle => {
-                let due = w.last_tick.map_or(now, |t| t + w.interval(&self.c));
+                let mut due = w.last_tick.map_or(now, |t| t + w.interval(&self.c));
+                // The worker also wakes up for the deadline by which it must stop serving.
+                if let (Some(t), Some(d)) = (w.last_tick, w.keeper.serve_deadline_ms(&s)) {
+                    due = due.min(d.max(t + 1));
+                }
                 if now >= due && now >= w.busy_until {
                     w.last_tick = Some(now);
                     w.recheck_after = None;
@@ -503,6 +523,7 @@ impl World {
             (None, None, 0)
         };
         let tick = Partial {
+            started: now,
             in_recovery,
             mode,
             sync_configured,
@@ -517,6 +538,7 @@ impl World {
             wal_receiver_recent: false,
             lease: Lease::NotConfigured,
             witness_waited: false,
+            witness_gave_up: false,
         };
         self.worker(n).phase = Phase::Heartbeat {
             until: now + delay,
@@ -527,10 +549,23 @@ impl World {
         }
     }
 
+    /// How long node n's worker may wait for one call: an interval, and no later than the
+    /// deadline by which it must stop serving (src/worker.rs).
+    fn call_budget(&self, n: usize) -> Ms {
+        let kt = self.c.keepalive_ms;
+        let deadline = self.workers[n]
+            .as_ref()
+            .and_then(|w| w.keeper.serve_deadline_ms(&self.settings(n)));
+        match deadline {
+            Some(d) => kt.min(d.saturating_sub(self.now)),
+            None => kt,
+        }
+    }
+
     /// Node n's heartbeat to the other: the outcome and how long it took.
     fn heartbeat(&self, n: usize) -> (Option<Heartbeat>, Option<PeerFacts>, Ms) {
         let peer = &self.servers[1 - n];
-        let kt = self.c.keepalive_ms;
+        let kt = self.call_budget(n);
         let no = |why: &str, after| (Some(Heartbeat::NoAnswer(why.into())), None, after);
         match self.hb[n] {
             Link::Drop => return no("connection reset", 0),
@@ -570,10 +605,14 @@ impl World {
     fn tick_lease(&mut self, n: usize, mut tick: Partial) {
         let now = self.now;
         if self.wit[n] == Link::Slow && !tick.witness_waited && self.c.has_witness(n) {
-            // The statement reaches the witness late, within the deadline.
+            // The statement reaches the witness late, within the interval; the worker waits
+            // for it no longer than its serving deadline, and then gives up (the statement
+            // still takes effect on the witness).
+            let (late, budget) = (self.c.keepalive_ms * 9 / 10, self.call_budget(n));
             tick.witness_waited = true;
+            tick.witness_gave_up = late > budget;
             self.worker(n).phase = Phase::Heartbeat {
-                until: now + self.c.keepalive_ms * 9 / 10,
+                until: now + late.min(budget),
                 tick,
             };
             return;
@@ -609,6 +648,10 @@ impl World {
                     wt.read(lease_ms, now)
                 }
             });
+            let result = match result {
+                Ok(_) if tick.witness_gave_up => Err(("no answer before the deadline".into(), 0)),
+                other => other,
+            };
             tick.lease = match result {
                 Err((why, after)) => {
                     delay = after;
@@ -642,7 +685,7 @@ impl World {
     ) -> Result<Option<LeaseRow>, (String, Ms)> {
         match self.wit[n] {
             Link::Drop => return Err(("connection reset".into(), 0)),
-            Link::Swallow => return Err(("timeout".into(), self.c.keepalive_ms)),
+            Link::Swallow => return Err(("timeout".into(), self.call_budget(n))),
             _ => {}
         }
         if self.witness.down {
@@ -667,11 +710,16 @@ impl World {
 
     fn tick_decide(&mut self, n: usize, tick: Partial) {
         self.worker(n).phase = Phase::Idle;
+        let reached_standby = tick.heartbeat == Some(Heartbeat::Answered) && tick.streaming;
+        if tick.lease == Lease::Held || reached_standby {
+            self.last_reached[n] = Some(tick.started);
+        }
         let my_timeline = self.servers[n].timeline;
         let facts = tick.peer.as_ref();
         let in_recovery = tick.in_recovery;
         let obs = Observation {
             now_ms: self.now,
+            tick_started_ms: tick.started,
             in_recovery,
             sync_configured: tick.sync_configured,
             standby_streaming: tick.streaming,
@@ -806,7 +854,10 @@ impl World {
                 let taken =
                     |wt: &mut Witness, now| wt.take(me, timeline, lease_ms, SYSTEM_IDENTIFIER, now);
                 match self.witness_call(n, taken) {
-                    Ok(Some(_)) => Ok(()),
+                    Ok(Some(_)) => {
+                        self.check_nobody_serves_but(n);
+                        Ok(())
+                    }
                     Ok(None) => Err("the lease is not expired or does not name this node".into()),
                     Err((why, after)) => {
                         self.worker(n).busy_until = self.now + after;
@@ -819,7 +870,40 @@ impl World {
                 self.servers[n].waiting.clear();
                 Ok(())
             }
+            Action::StopServing => {
+                // New sessions are refused and every session ends, without an answer to a
+                // COMMIT under way.
+                self.servers[n].refusing = true;
+                self.servers[n].waiting.clear();
+                Ok(())
+            }
+            Action::ResumeServing => {
+                self.servers[n].refusing = false;
+                Ok(())
+            }
             Action::ReleaseStandby | Action::TakeLease | Action::RunAfterCommand(_) => Ok(()),
+        }
+    }
+
+    /// Check (d): when node n takes the lease, the other node serves no session if it has been
+    /// isolated, that is, has reached neither the witness nor its streaming standby for the
+    /// lease time less the margin (unless the witness's clock was stepped, which the lease's
+    /// timing cannot survive). One that reached its standby more recently may still serve
+    /// (a one-way cut; the README's Known limits).
+    fn check_nobody_serves_but(&mut self, n: usize) {
+        let other = &self.servers[1 - n];
+        let budget = self.c.lease_ms() - keeper_core::LEASE_MARGIN_MS;
+        let isolated_for = self.last_reached[1 - n].map(|t| self.now.saturating_sub(t));
+        let isolated = isolated_for.is_none_or(|ms| ms >= budget);
+        if other.serves(self.now) && isolated && !self.witness_clock_stepped {
+            let what = format!(
+                "(d) {} took the lease while {}, a primary that had reached neither the witness nor its standby for {}, still served sessions",
+                NAMES[n],
+                NAMES[1 - n],
+                isolated_for.map_or("ever".into(), |ms| format!("{ms} ms"))
+            );
+            self.say(|| what.clone());
+            self.served_past_lease.get_or_insert(what);
         }
     }
 

@@ -362,12 +362,82 @@ fn hole_7_an_isolated_primary_ends_waiting_sessions_before_a_cancel_reports_them
         ],
         heal_at: 30_000,
     };
-    let out = run(&Config::default(), &s, true);
+    // Two failures, so that the standby is lost before the primary counts as isolated (hole
+    // 8), which ends every session anyway.
+    let c = Config {
+        keepalive_count: 2,
+        ..Config::default()
+    };
+    let out = run(&c, &s, true);
     let trace = out.trace.join("\n");
     assert!(out.violation.is_none(), "{s}\n{trace}");
-    assert!(trace.contains("EndWaitingCommits done"), "{trace}");
+    let ended = trace.find("EndWaitingCommits done").expect(&trace);
+    let stopped = trace.find("StopServing done").expect(&trace);
+    assert!(ended < stopped, "{trace}");
     assert_eq!(
         out.warned, 0,
         "commits reported done with a WARNING\n{trace}"
     );
+}
+
+/// Hole 8: a primary cut off from both its standby and the witness kept serving: the standby
+/// took the lease and promoted while clients could still read (stale) from the old primary.
+/// Check (d) catches that moment. Now the old primary stops serving (refuses sessions, ends
+/// them) before the lease can be taken, by its own clock, and fences itself when the cut heals.
+/// With the rule taken out of the core, (d) fails here.
+#[test]
+fn hole_8_an_isolated_primary_stops_serving_before_the_standby_takes_the_lease() {
+    let isolated = |at| {
+        vec![
+            (at, Fault::Heartbeat(0, Link::Drop)),
+            (at, Fault::Heartbeat(1, Link::Drop)),
+            (at, Fault::Replication(Link::Drop)),
+            (at, Fault::WitnessPath(0, Link::Drop)),
+        ]
+    };
+    let s = Schedule {
+        seed: 81,
+        faults: isolated(1000),
+        heal_at: 20_000,
+    };
+    let out = run(&Config::default(), &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    let stop = trace.find("node1: StopServing done").expect(&trace);
+    let take = trace.find("node2: TakeLease done").expect(&trace);
+    assert!(stop < take, "{trace}");
+    assert!(trace.contains("node1: Fence done"), "{trace}");
+    // Swallowed rather than reset: the calls wait, but no longer than the deadline.
+    let swallowed = Schedule {
+        seed: 82,
+        faults: vec![
+            (1000, Fault::Heartbeat(0, Link::Swallow)),
+            (1000, Fault::Heartbeat(1, Link::Swallow)),
+            (1000, Fault::Replication(Link::Swallow)),
+            (1000, Fault::WitnessPath(0, Link::Swallow)),
+        ],
+        heal_at: 20_000,
+    };
+    expect_safe(&swallowed, "node1: StopServing done");
+}
+
+/// Hole 8, the way back: when nobody took over (the standby could not reach the witness
+/// either), the isolated primary serves again as soon as the cut heals.
+#[test]
+fn hole_8_an_isolated_primary_that_nobody_replaced_serves_again() {
+    let s = Schedule {
+        seed: 83,
+        faults: vec![
+            (1000, Fault::Heartbeat(0, Link::Drop)),
+            (1000, Fault::Heartbeat(1, Link::Drop)),
+            (1000, Fault::WitnessDown),
+        ],
+        heal_at: 12_000,
+    };
+    let out = run(&Config::default(), &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    assert!(trace.contains("node1: StopServing done"), "{trace}");
+    assert!(trace.contains("node1: ResumeServing done"), "{trace}");
+    assert!(!trace.contains("TakeLease done"), "{trace}");
 }
