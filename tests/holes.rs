@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 use std::thread::sleep;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::partition::{Mode, ProxiedPair};
 use common::{wait_until, Options, Single};
@@ -183,5 +183,146 @@ fn after_command_starts_with_default_signals_and_no_inherited_descriptors() {
     assert!(
         unexpected.is_empty(),
         "inherited descriptors {unexpected:?}\n{text}"
+    );
+}
+
+/// The start of what a refused session is told (src/serving.rs).
+const REFUSAL: &str = "isolated from its standby and the witness";
+
+/// Hole 8: a primary cut off from both its standby and the witness used to go on serving:
+/// clients that still reached it connected as read-write, read what the promoted standby no
+/// longer had, and their commits hung. Now it refuses every new session and ends the open ones
+/// (`master mode:isolated`) by its own clock before the standby may take the lease; when the cut
+/// heals it learns it was superseded and fences itself.
+#[test]
+fn hole_8_an_isolated_primary_stops_serving_before_the_standby_takes_the_lease() {
+    let pp = ProxiedPair::connected_with_witness("h8-isolated", Options::default());
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    node1.sql("CREATE TABLE t (id int)").unwrap();
+    // A session open on node1 before the cut (a client that keeps its connection).
+    let mut open_session = node1.sql_background("SELECT pg_sleep(60)");
+    sleep(Duration::from_millis(500));
+    assert_eq!(node1.sql("SELECT 1").as_deref(), Ok("1"));
+
+    pp.isolate(node1, Mode::Blackhole);
+    let cut = Instant::now();
+    // Poll both: when node1 first refuses, and when the lease first names node2 as holder.
+    let (mut refused_at, mut taken_at) = (None, None);
+    let mut refusal = String::new();
+    let done = wait_until(Duration::from_secs(30), || {
+        if refused_at.is_none() {
+            if let Err(e) = node1.sql("SELECT 1") {
+                if e.contains(REFUSAL) {
+                    refused_at = Some(cut.elapsed());
+                    refusal = e;
+                }
+            }
+        }
+        if taken_at.is_none() && pp.lease().is_some_and(|l| l.0 == "node2") {
+            taken_at = Some(cut.elapsed());
+            // At the moment the standby holds the lease, node1 must already refuse.
+            let now = node1.sql("SELECT 1");
+            assert!(
+                now.as_ref().is_err_and(|e| e.contains(REFUSAL)),
+                "node2 took the lease while node1 still served: {now:?}"
+            );
+        }
+        refused_at.is_some() && taken_at.is_some()
+    });
+    assert!(
+        done,
+        "refused at {refused_at:?}, lease taken at {taken_at:?}\n{}",
+        node1.keeper_log().join("\n")
+    );
+    let (refused_at, taken_at) = (refused_at.unwrap(), taken_at.unwrap());
+    eprintln!(
+        "[h8-isolated] node1 refused sessions {} ms after the cut; node2 took the lease {} ms after it",
+        refused_at.as_millis(),
+        taken_at.as_millis()
+    );
+    assert!(refused_at < taken_at);
+    assert!(refusal.contains("HINT"), "{refusal}");
+    node1.expect_log(
+        "isolated: this primary has reached neither",
+        Duration::from_secs(1),
+    );
+    assert!(
+        node1.title_is("master mode:isolated"),
+        "{:?}",
+        node1.title()
+    );
+    // The open session was ended.
+    let ended = wait_until(Duration::from_secs(5), || {
+        open_session.try_wait().ok().flatten().is_some()
+    });
+    assert!(ended, "the session open before the cut still runs on node1");
+    node1.expect_log(
+        "ended 1 session(s): this primary is isolated",
+        Duration::from_secs(1),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || node2.in_recovery()
+            == Some(false)),
+        "node2 did not promote"
+    );
+
+    // Healed: node1 finds the lease taken and fences itself.
+    pp.isolate(node1, Mode::Pass);
+    node1.expect_log("superseded", Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(30), || node1.postmaster_pid().is_none()),
+        "the superseded primary did not shut down"
+    );
+    node2.sql("INSERT INTO t VALUES (1)").unwrap();
+}
+
+/// Hole 8, the way back: the pair is cut apart and the witness is down, so the standby cannot
+/// take over either. The primary stops serving (it cannot know that), and once the link
+/// between the nodes heals it serves again by itself, synchronous as before, with the witness
+/// still down.
+#[test]
+fn hole_8_an_isolated_primary_that_nobody_replaced_serves_again() {
+    let pp = ProxiedPair::connected_with_witness("h8-back", Options::default());
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    node1.sql("CREATE TABLE t (id int)").unwrap();
+    pp.witness.as_ref().unwrap().stop();
+    pp.link(Mode::Blackhole);
+    let cut = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || node1
+            .sql("SELECT 1")
+            .is_err_and(|e| e.contains(REFUSAL))),
+        "node1 did not stop serving:\n{}",
+        node1.keeper_log().join("\n")
+    );
+    let stopped = cut.elapsed();
+    sleep(Duration::from_secs(3));
+    assert_eq!(
+        node2.in_recovery(),
+        Some(true),
+        "node2 promoted without the lease"
+    );
+
+    pp.link(Mode::Pass);
+    let healed = Instant::now();
+    node1.expect_log("serving again: standby node2", Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(20), || node1.sql("SELECT 1").is_ok()),
+        "node1 still refuses sessions"
+    );
+    let back = healed.elapsed();
+    // Synchronous again: a commit on node1 is acknowledged, and node2 has it.
+    pp.pair.wait_synchronous();
+    node1.sql("INSERT INTO t VALUES (8)").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || node2
+            .sql("SELECT count(*) FROM t WHERE id = 8")
+            .is_ok_and(|n| n == "1")),
+        "node2 lacks the commit"
+    );
+    eprintln!(
+        "[h8-back] node1 stopped serving {} ms after the cut and served again {} ms after the heal",
+        stopped.as_millis(),
+        back.as_millis()
     );
 }
