@@ -381,6 +381,13 @@ impl Worker {
 
     fn tick(&mut self) {
         let tick_started_ms = self.started.elapsed().as_millis() as u64;
+        if let Some(d) = self.keeper.serve_deadline_ms(&self.core_settings()) {
+            self.log(
+                Level::Debug,
+                &format!("tick at {tick_started_ms} ms; stops serving at {d} ms unless it reaches the standby or the witness"),
+                None,
+            );
+        }
         let in_recovery = actuators::in_recovery();
         if self.identity.is_none() {
             self.identify(in_recovery);
