@@ -296,16 +296,17 @@ impl Node {
     /// Opens a connection, polling it until it is made or the deadline passes.
     fn connect(&mut self, deadline: Instant) -> Result<(), Beat> {
         self.disconnect();
-        let keywords: [*const c_char; 3] = [
-            c"dbname".as_ptr(),
-            c"fallback_application_name".as_ptr(),
-            std::ptr::null(),
-        ];
-        let values: [*const c_char; 3] = [
-            self.conninfo.as_ptr(),
-            c"pg_keeper".as_ptr(),
-            std::ptr::null(),
-        ];
+        // A host name is resolved here, within the deadline: libpq would resolve it without one.
+        let host = crate::resolve::host_keywords(self.conninfo.to_str().unwrap_or(""), deadline)?;
+        let mut keywords = vec![c"dbname".as_ptr(), c"fallback_application_name".as_ptr()];
+        let mut values = vec![self.conninfo.as_ptr(), c"pg_keeper".as_ptr()];
+        // After the expanded dbname, so that they override the connection string's own.
+        for (k, v) in &host {
+            keywords.push(k.as_ptr());
+            values.push(v.as_ptr());
+        }
+        keywords.push(std::ptr::null());
+        values.push(std::ptr::null());
         // SAFETY: the arrays are NULL-terminated and outlive the call.
         let conn = unsafe { pq::PQconnectStartParams(keywords.as_ptr(), values.as_ptr(), 1) };
         if conn.is_null() {

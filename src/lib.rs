@@ -16,6 +16,7 @@ mod conninfo;
 mod db;
 mod heartbeat;
 mod identity;
+mod resolve;
 mod serving;
 mod settings;
 mod sql_api;
