@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{time_until, wait_until, Node, Options, Pair, Single, BIN};
+use common::{time_until, wait_until, Node, Options, Pair, Single, BIN, SWITCHING_TO_ASYNC};
 
 const BUDGET: Duration = Duration::from_secs(3);
 const MARGIN: Duration = Duration::from_secs(12);
@@ -704,8 +704,7 @@ fn a_standby_that_refuses_and_does_not_stream_counts_as_lost() {
             "was still waiting"
         },
         started.elapsed().as_millis(),
-        log.iter()
-            .any(|l| l.contains("switching to asynchronous replication"))
+        log.iter().any(|l| l.contains(SWITCHING_TO_ASYNC))
     );
     assert!(
         done.is_some(),
@@ -716,10 +715,7 @@ fn a_standby_that_refuses_and_does_not_stream_counts_as_lost() {
         log.join("\n")
     );
     assert!(sessions.0[0].wait().unwrap().success(), "the commit failed");
-    node1.expect_log(
-        "switching to asynchronous replication",
-        Duration::from_secs(1),
-    );
+    node1.expect_switch_to_async(Duration::from_secs(1));
     assert_eq!(node1.sql("SHOW synchronous_standby_names").unwrap(), "");
     assert_eq!(node1.sql("SELECT count(*) FROM t").unwrap(), "1");
     drop(sessions);
@@ -794,9 +790,7 @@ fn a_primary_keeper_restarted_while_the_standby_is_lost_still_switches_to_async(
         matches!(sessions.0[0].try_wait(), Ok(Some(_)))
     });
     let log = node1.keeper_log();
-    let switched = log
-        .iter()
-        .any(|l| l.contains("switching to asynchronous replication"));
+    let switched = log.iter().any(|l| l.contains(SWITCHING_TO_ASYNC));
     eprintln!(
         "[restart-while-losing] first failed heartbeat {} ms after the kill; worker terminated \
          at {} ms; the commit {} {} ms after the kill (budget {} ms); switched to async: \
