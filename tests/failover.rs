@@ -106,7 +106,7 @@ fn standby_crash_switches_the_primary_to_async_and_releases_the_blocked_commit()
         "{log}"
     );
     assert!(
-        log.contains("switching to asynchronous replication"),
+        log.contains(common::SWITCHING_TO_ASYNC) && log.contains(common::SWITCHED_TO_ASYNC),
         "{log}"
     );
     assert!(log.contains("after_command for event async"), "{log}");

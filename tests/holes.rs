@@ -123,9 +123,7 @@ fn a_primary_whose_heartbeats_alone_fail_keeps_synchronous_replication() {
     );
     sleep(Duration::from_secs(5));
     assert!(
-        !node1
-            .log_text()
-            .contains("lost; switching to asynchronous replication"),
+        !node1.log_text().contains(common::SWITCHING_TO_ASYNC),
         "{}",
         node1.keeper_log().join("\n")
     );

@@ -10,7 +10,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use common::partition::{query, Checker, Mode, ProxiedPair, Proxy, Verdict, Witness};
-use common::{time_until, wait_until, Options};
+use common::{time_until, wait_until, Options, SWITCHED_TO_ASYNC, SWITCHING_TO_ASYNC};
 
 /// keepalive_time x keepalive_count.
 const BUDGET: Duration = Duration::from_secs(3);
@@ -69,7 +69,7 @@ fn a_cut_longer_than_the_budget_gives_two_primaries_until_it_heals_then_the_old_
     // The primary loses its standby and goes asynchronous; the standby, hearing nothing by
     // either path, promotes.
     // (Checked in the log: the title may show "master mode:async" only briefly, see below.)
-    node1.expect_log("switching to asynchronous replication", BUDGET + MARGIN);
+    node1.expect_switch_to_async(BUDGET + MARGIN);
     let async_after = cut.elapsed();
     assert!(
         wait_until(BUDGET + MARGIN, || node2.in_recovery() == Some(false)),
@@ -338,7 +338,7 @@ fn a_standby_lagging_when_the_primary_dies_does_not_promote() {
     // heartbeats (to_node1, to_node2) pass.
     pp.repl_to_node1.set_mode(Mode::Drop);
     let cut = Instant::now();
-    node1.expect_log("switching to asynchronous replication", BUDGET + MARGIN);
+    node1.expect_switch_to_async(BUDGET + MARGIN);
     let async_after = cut.elapsed();
     let switched = Instant::now();
     assert!(
@@ -588,9 +588,7 @@ fn crashes_and_a_freeze_under_the_checker_lose_nothing_and_never_give_two_primar
     sleep(Duration::from_secs(3));
     pp.pair.node2.kill9();
     let killed = Instant::now();
-    pp.pair
-        .node1
-        .expect_log("switching to asynchronous replication", BUDGET + MARGIN);
+    pp.pair.node1.expect_switch_to_async(BUDGET + MARGIN);
     assert!(
         wait_until(Duration::from_secs(20), || checker
             .writer_acked_on(&pp.pair.node1, killed + BUDGET)),
@@ -665,8 +663,7 @@ fn a_primary_whose_heartbeats_alone_fail_under_writes_stays_synchronous_and_lose
     let log1 = node1.keeper_log().join("\n");
     // ("not switching to asynchronous replication" is the hold itself.)
     assert!(
-        !log1.contains("lost; switching to asynchronous replication")
-            && !log1.contains("changed replication mode to asynchronous"),
+        !log1.contains(SWITCHING_TO_ASYNC) && !log1.contains(SWITCHED_TO_ASYNC),
         "node1 switched to async although its standby still confirms WAL:\n{log1}"
     );
     assert_eq!(

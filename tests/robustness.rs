@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{time_until, wait_until, Node, Options, Pair, Single, BIN};
+use common::{time_until, wait_until, Node, Options, Pair, Single, BIN, SWITCHING_TO_ASYNC};
 
 const BUDGET: Duration = Duration::from_secs(3);
 const MARGIN: Duration = Duration::from_secs(12);
@@ -704,8 +704,7 @@ fn a_standby_that_refuses_and_does_not_stream_counts_as_lost() {
             "was still waiting"
         },
         started.elapsed().as_millis(),
-        log.iter()
-            .any(|l| l.contains("switching to asynchronous replication"))
+        log.iter().any(|l| l.contains(SWITCHING_TO_ASYNC))
     );
     assert!(
         done.is_some(),
@@ -716,10 +715,7 @@ fn a_standby_that_refuses_and_does_not_stream_counts_as_lost() {
         log.join("\n")
     );
     assert!(sessions.0[0].wait().unwrap().success(), "the commit failed");
-    node1.expect_log(
-        "switching to asynchronous replication",
-        Duration::from_secs(1),
-    );
+    node1.expect_switch_to_async(Duration::from_secs(1));
     assert_eq!(node1.sql("SHOW synchronous_standby_names").unwrap(), "");
     assert_eq!(node1.sql("SELECT count(*) FROM t").unwrap(), "1");
     drop(sessions);
@@ -794,9 +790,7 @@ fn a_primary_keeper_restarted_while_the_standby_is_lost_still_switches_to_async(
         matches!(sessions.0[0].try_wait(), Ok(Some(_)))
     });
     let log = node1.keeper_log();
-    let switched = log
-        .iter()
-        .any(|l| l.contains("switching to asynchronous replication"));
+    let switched = log.iter().any(|l| l.contains(SWITCHING_TO_ASYNC));
     eprintln!(
         "[restart-while-losing] first failed heartbeat {} ms after the kill; worker terminated \
          at {} ms; the commit {} {} ms after the kill (budget {} ms); switched to async: \
@@ -1053,4 +1047,236 @@ fn after_command_gets_no_socket_pipe_or_server_file_and_no_ignored_or_blocked_si
     // stdin is /dev/null, stdout the file, stderr the server's log.
     assert_eq!(fds[0].1, "/dev/null", "{text}");
     assert!(fds[2].1.ends_with("node1.log"), "{text}");
+}
+
+/// Runs `sql` on `node` and parses the one value it returns; panics with psql's error.
+fn sql_value<T: std::str::FromStr>(node: &Node, sql: &str) -> T {
+    let text = node.sql(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    text.parse()
+        .unwrap_or_else(|_| panic!("{sql}: unexpected answer {text:?}"))
+}
+
+/// Hole 11: a peer address that comes to lead to this very server (a moved address, a name or a
+/// proxy turned round) must not count as the peer's answer, or a primary would go on believing
+/// in a standby it no longer reaches. node1's heartbeats go through a proxy that is turned to
+/// node1's own port; its conninfo stays as it is (a reload that changed it would make the keeper
+/// identify itself again, which reports "both ... reach this server", another path). Each
+/// heartbeat is then counted as a failure with that reason; only the standby's replication,
+/// which still confirms WAL, keeps node1 synchronous. Once the proxy leads to node2 again the
+/// count goes back to zero.
+#[test]
+fn a_heartbeat_that_reaches_this_server_itself_counts_as_a_failure() {
+    use common::partition::{Mode, ProxiedPair};
+    let pp = ProxiedPair::connected("heartbeat-reaches-itself", Options::default());
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    node1.sql("CREATE EXTENSION pg_keeper_rs").unwrap();
+    let failures = || -> i32 { sql_value(node1, "SELECT failed_heartbeats FROM pg_keeper_status") };
+    assert_eq!(failures(), 0);
+
+    // Turned round; the reset ends the kept heartbeat connection, so the next one is made anew,
+    // to node1.
+    let turn_to = |port: u16| {
+        pp.to_node2.set_target(port);
+        pp.to_node2.set_mode(Mode::Drop);
+        let closed = wait_until(Duration::from_secs(5), || {
+            pp.to_node2.open_connections() == 0
+        });
+        pp.to_node2.set_mode(Mode::Pass);
+        assert!(closed, "the proxy to node2 still has connections open");
+    };
+    turn_to(node1.port);
+    const ITSELF: &str = "the heartbeat reached this server itself, not the peer";
+    node1.expect_log(&format!("failed: {ITSELF} ("), BUDGET + MARGIN);
+    let reason = node1
+        .sql("SELECT last_failure_reason FROM pg_keeper_status")
+        .unwrap();
+    assert_eq!(reason, ITSELF);
+    assert!(failures() >= 1, "no failure counted");
+    // At the count: held, not switched, since node2's replication still confirms WAL.
+    node1.expect_log(
+        &format!("its replication still confirms WAL: {ITSELF} (3 of 3)"),
+        BUDGET + MARGIN,
+    );
+    let log1 = node1.keeper_log().join("\n");
+    assert!(!log1.contains(common::SWITCHING_TO_ASYNC), "{log1}");
+    assert_eq!(
+        node1.sql("SHOW synchronous_standby_names").unwrap(),
+        "node1, node2"
+    );
+    assert_eq!(node2.in_recovery(), Some(true));
+
+    // Back to node2: answered again, and the count is cleared.
+    turn_to(node2.port);
+    assert!(
+        wait_until(Duration::from_secs(15), || failures() == 0),
+        "node1 still counts {} failed heartbeats after the proxy leads to node2 again:\n{}",
+        failures(),
+        node1.keeper_log().join("\n")
+    );
+    node1.expect_title("master mode:connected", Duration::from_secs(5));
+}
+
+/// Hole 11: after_command is told where the heartbeats really went (the live connection's host
+/// and port), not a guess from the conninfo. node2's conninfo names no host, so libpq reaches it
+/// through the Unix socket in its default directory; a guess from the conninfo would say
+/// "localhost". The event `sync_restored` is run while the connection to node2 is up.
+#[test]
+fn after_command_is_given_the_host_and_port_the_heartbeats_reach() {
+    let pair = Pair::connected(
+        "after-command-live-address",
+        Options {
+            extra: "pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_PEER_NAME $PG_KEEPER_PEER_HOST $PG_KEEPER_PEER_PORT\" >> @ROOT@/after_command.log'".into(),
+            ..Options::default()
+        },
+    );
+    let (node1, node2) = (&pair.node1, &pair.node2);
+    let socket_dir = node2
+        .sql("SELECT split_part(current_setting('unix_socket_directories'), ',', 1)")
+        .unwrap();
+    assert!(
+        std::path::Path::new(&format!("{socket_dir}/.s.PGSQL.{}", node2.port)).exists(),
+        "node2 has no socket in {socket_dir:?}"
+    );
+    let hostless = format!(
+        "pg_keeper.node2_conninfo = 'port={} dbname=postgres user=postgres'",
+        node2.port
+    );
+    for node in [node1, node2] {
+        node.append_conf(&hostless);
+        node.reload();
+    }
+    for node in [node1, node2] {
+        node.expect_log(
+            "node conninfo changed; identifying this node again",
+            Duration::from_secs(10),
+        );
+    }
+    node1.expect_title("master mode:connected", Duration::from_secs(30));
+    node2.expect_title("standby mode:connected", Duration::from_secs(30));
+    pair.wait_synchronous();
+
+    // Lost (async, while no connection is up), then back and caught up: sync_restored.
+    node2.stop("fast");
+    node1.expect_title("master mode:async", BUDGET + MARGIN);
+    node2.start();
+    assert!(
+        wait_until(Duration::from_secs(30), || pair
+            .after_commands()
+            .iter()
+            .any(|l| l.starts_with("sync_restored "))),
+        "no sync_restored after_command: {:?}\n{}",
+        pair.after_commands(),
+        node1.keeper_log().join("\n")
+    );
+    let runs = pair.after_commands();
+    eprintln!("[after-command-live-address] after_command runs: {runs:?}");
+    let restored = runs
+        .iter()
+        .find(|l| l.starts_with("sync_restored "))
+        .unwrap();
+    let fields: Vec<&str> = restored.split(' ').collect();
+    let [_, name, host, port] = fields[..] else {
+        panic!("{restored:?}");
+    };
+    assert_eq!(name, "node2", "{runs:?}");
+    assert_eq!(port, node2.port.to_string(), "{runs:?}");
+    // The socket directory libpq used (its default), where node2 listens; not "localhost".
+    assert!(
+        std::path::Path::new(&format!("{host}/.s.PGSQL.{port}")).exists(),
+        "PG_KEEPER_PEER_HOST {host:?} is not where node2's socket is ({socket_dir:?}): {runs:?}"
+    );
+}
+
+/// Hole 13: pg_keeper_pause() and pg_keeper_resume() wake the worker through the latch of the
+/// live process with the pid recorded, and the worker clears that pid when it stops, so no one
+/// signals a pid the system may have given to another program. The worker is terminated: once
+/// it is gone, the status shows no pid until the new worker shows its own, never the old one;
+/// a pause asked for meanwhile signals no one and is taken up by the new worker. Then each pause
+/// and resume takes effect at once, although the worker's next tick is up to 10 s away.
+#[test]
+fn pause_and_resume_wake_the_live_worker_and_the_pid_of_a_stopped_one_is_cleared() {
+    let keepalive = Duration::from_secs(10);
+    let pair = Pair::connected(
+        "pause-latch",
+        Options {
+            keepalive_time: "10s",
+            ..Options::default()
+        },
+    );
+    let node1 = &pair.node1;
+    node1.sql("CREATE EXTENSION pg_keeper_rs").unwrap();
+    let recorded = || -> i32 {
+        sql_value(
+            node1,
+            "SELECT coalesce(worker_pid, 0) FROM pg_keeper_status",
+        )
+    };
+    let old = node1.keeper_pid().expect("node1's keeper runs");
+    assert_eq!(recorded(), old);
+
+    let terminated = node1
+        .sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'pg_keeper'")
+        .unwrap();
+    assert_eq!(terminated, "t");
+    let gone = wait_until(Duration::from_secs(10), || {
+        !std::path::Path::new(&format!("/proc/{old}")).exists()
+    });
+    assert!(gone, "the terminated worker {old} did not exit");
+    // The postmaster starts the next worker a second later: sampled until then.
+    let mut samples = Vec::new();
+    let mut paused_in_gap = false;
+    let new = wait_until(Duration::from_secs(15), || {
+        let pid = recorded();
+        samples.push(pid);
+        if pid == 0 && !paused_in_gap {
+            assert_eq!(node1.sql("SELECT pg_keeper_pause()").unwrap(), "t");
+            paused_in_gap = true;
+        }
+        pid != 0 && pid != old
+    });
+    assert!(new, "no new worker pid recorded: {samples:?}");
+    assert!(
+        !samples.contains(&old),
+        "the stopped worker's pid {old} stayed recorded: {samples:?}"
+    );
+    assert!(
+        paused_in_gap,
+        "no sample between the two workers showed the pid cleared: {samples:?}"
+    );
+    let new_pid = *samples.last().unwrap();
+    assert_eq!(node1.keeper_pid(), Some(new_pid));
+    node1.expect_title("master mode:connected, paused", Duration::from_secs(15));
+
+    // Each call must take effect well before the next tick would.
+    let prompt = Duration::from_secs(2);
+    assert!(prompt * 4 < keepalive);
+    let count = |needle: &str| {
+        node1
+            .keeper_log()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
+    const PAUSED: &str = "pg_keeper: paused until pg_keeper_resume()";
+    const RESUMED: &str = "pg_keeper: resumed: automatic actions are enabled again";
+    let mut took = Vec::new();
+    for (call, needle, title) in [
+        ("pg_keeper_resume()", RESUMED, "master mode:connected"),
+        ("pg_keeper_pause()", PAUSED, "master mode:connected, paused"),
+        ("pg_keeper_resume()", RESUMED, "master mode:connected"),
+        ("pg_keeper_pause()", PAUSED, "master mode:connected, paused"),
+    ] {
+        let before = count(needle);
+        assert_eq!(node1.sql(&format!("SELECT {call}")).unwrap(), "t");
+        let Some(t) = time_until(prompt, || count(needle) > before) else {
+            panic!(
+                "{call} did not take effect within {prompt:?}:\n{}",
+                node1.keeper_log().join("\n")
+            );
+        };
+        took.push(t.as_millis());
+        node1.expect_title(title, Duration::from_secs(1));
+    }
+    eprintln!("[pause-latch] status pids sampled between the workers: {samples:?}; pause/resume took {took:?} ms");
+    assert_eq!(node1.keeper_pid(), Some(new_pid));
 }

@@ -36,6 +36,14 @@ pub fn time_until(timeout: Duration, f: impl FnMut() -> bool) -> Option<Duration
     wait_until(timeout, f).then(|| start.elapsed())
 }
 
+/// The keeper's line when it decides to switch to asynchronous replication (keeper-core's
+/// TRANSITIONS: "standby {peer} lost; switching to asynchronous replication"). A hold, "not
+/// switching to asynchronous replication: ...", does not contain it.
+pub const SWITCHING_TO_ASYNC: &str = "lost; switching to asynchronous replication";
+
+/// The keeper's line once the switch is done (synchronous_standby_names cleared).
+pub const SWITCHED_TO_ASYNC: &str = "changed replication mode to asynchronous";
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .expect("bind 127.0.0.1:0")
@@ -208,6 +216,16 @@ impl Node {
             self.name,
             self.log_text()
         );
+    }
+
+    /// Waits for the keeper's decision to switch to asynchronous replication, then for the
+    /// switch itself (the decision alone can still end in a hold, when the witness cannot be
+    /// told); panics with the log. The second wait gets what is left of `timeout`, at least 5 s.
+    pub fn expect_switch_to_async(&self, timeout: Duration) {
+        let start = Instant::now();
+        self.expect_log(SWITCHING_TO_ASYNC, timeout);
+        let rest = timeout.saturating_sub(start.elapsed());
+        self.expect_log(SWITCHED_TO_ASYNC, rest.max(Duration::from_secs(5)));
     }
 
     /// Runs SQL through psql; `Err` carries psql's error output.
