@@ -587,7 +587,7 @@ impl Worker {
                 if due {
                     self.witness_warned_at = Some(now);
                     let hint = if self.keeper.mode().is_master() {
-                        "Until it is back, this primary cannot switch to asynchronous replication: if the standby is lost, commits wait for it."
+                        "Until it is back, this primary cannot switch to asynchronous replication: if the standby is lost, commits wait for it, and after three keepalive_times without either this primary stops serving."
                     } else {
                         "Until it is back, this standby cannot take the lease: it does not promote if the primary is lost."
                     };
