@@ -24,6 +24,9 @@ pub struct NodeFacts {
     pub sync_state_of_asker: Option<String>,
     /// The node's `pg_keeper.witness_conninfo` is set (None: hidden from this user).
     pub uses_witness: Option<bool>,
+    /// (A primary.) Whom its keeper trusts as the synchronous standby: `Some("")` nobody;
+    /// None when no keeper says (not running, an older version, or hidden from this user).
+    pub trusted_standby: Option<String>,
     /// `pg_postmaster_start_time()` in microseconds since the Unix epoch.
     pub started_at_us: i64,
     pub port: i32,
@@ -63,7 +66,12 @@ const HEARTBEAT_SQL: &CStr = c"SELECT pg_catalog.pg_is_in_recovery(), \
     CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN (SELECT sync_state::text \
         FROM pg_catalog.pg_stat_replication WHERE application_name = $1 AND state = 'streaming' \
         LIMIT 1) END, \
-    (SELECT setting <> '' FROM pg_catalog.pg_settings WHERE name = 'pg_keeper.witness_conninfo')";
+    (SELECT setting <> '' FROM pg_catalog.pg_settings WHERE name = 'pg_keeper.witness_conninfo'), \
+    (SELECT query FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_keeper' LIMIT 1)";
+
+/// How the keeper's activity in `pg_stat_activity` says whom it trusts as the synchronous
+/// standby (see `Worker::publish_trust`): this, then the node name, or nothing for nobody.
+pub const TRUST_PREFIX: &str = "pg_keeper: trusts as synchronous standby: ";
 
 /// Server answers that mean "alive, but not letting you in right now". libpq reports a server's
 /// refusal with the server's severity (`FATAL:`); the phrases cover servers that answer in
@@ -548,11 +556,13 @@ fn read_facts(rows: &[Vec<Option<String>>]) -> Beat {
         field(1).and_then(|v| v.parse::<i64>().ok()),
         field(2).and_then(|v| v.parse::<i32>().ok()),
     ) {
-        (Some(started_at_us), Some(port)) if row.len() == 6 => Beat::Answered(NodeFacts {
+        (Some(started_at_us), Some(port)) if row.len() == 7 => Beat::Answered(NodeFacts {
             in_recovery: field(0).as_deref() == Some("t"),
             timeline: field(3).and_then(|t| t.parse().ok()),
             sync_state_of_asker: field(4),
             uses_witness: field(5).map(|v| v == "t"),
+            trusted_standby: field(6)
+                .and_then(|a| a.strip_prefix(TRUST_PREFIX).map(|n| n.trim().to_string())),
             started_at_us,
             port,
         }),

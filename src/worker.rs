@@ -95,6 +95,8 @@ struct Worker {
     last_note: Option<String>,
     /// The hint that goes with the current identity problem.
     identity_hint: Option<String>,
+    /// What this worker last reported as its activity (see [`Worker::publish_trust`]).
+    activity: String,
 }
 
 fn level_to_pg(level: Level) -> PgLogLevel {
@@ -124,6 +126,7 @@ impl Worker {
             last_event: None,
             last_note: None,
             identity_hint: None,
+            activity: String::new(),
         }
     }
 
@@ -467,6 +470,7 @@ impl Worker {
         let sync_standby_now =
             self.keeper
                 .lease_names_standby(view.sync_in_force, view.insert_lsn, view.peer);
+        self.publish_trust(sync_standby_now);
         let lease = self.observe_lease(mode, in_recovery, my_timeline, sync_standby_now);
         let obs = Observation {
             now_ms: self.started.elapsed().as_millis() as u64,
@@ -487,8 +491,35 @@ impl Worker {
             timeline: f.timeline,
             sync_state_of_asker: f.sync_state_of_asker.clone(),
             uses_witness: f.uses_witness,
+            trusted_standby: f.trusted_standby.clone(),
         });
-        self.decide(Input::Tick(obs.with_answer(answer.as_ref(), my_timeline)));
+        let me = self.names().map_or("", |(me, _)| me);
+        self.decide(Input::Tick(obs.with_answer(
+            answer.as_ref(),
+            my_timeline,
+            me,
+        )));
+    }
+
+    /// Says in this worker's `pg_stat_activity` row whom it trusts as the synchronous standby
+    /// (the peer, or nobody), for the standby's heartbeat: a standby listed `sync` but not yet
+    /// holding what was acknowledged without it does not count itself synchronous.
+    fn publish_trust(&mut self, trusted: bool) {
+        let name = match self.names() {
+            Some((_, peer)) if trusted => peer,
+            _ => "",
+        };
+        let activity = format!("{}{name}", crate::heartbeat::TRUST_PREFIX);
+        if activity == self.activity {
+            return;
+        }
+        if let Ok(text) = CString::new(activity.as_str()) {
+            // SAFETY: copies the string into this backend's status entry.
+            unsafe {
+                pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, text.as_ptr())
+            };
+            self.activity = activity;
+        }
     }
 
     /// This node's name and the peer's, once identified.

@@ -263,16 +263,29 @@ pub struct PeerAnswer {
     pub sync_state_of_asker: Option<String>,
     /// Its `pg_keeper.witness_conninfo` is set (None: hidden from the heartbeat's user).
     pub uses_witness: Option<bool>,
+    /// (A primary.) Whom its keeper trusts as the synchronous standby ([`SyncTrust`], the same
+    /// rule as for the lease): `Some("")` nobody, `None` not said (no keeper there, or hidden
+    /// from the heartbeat's user).
+    pub trusted_standby: Option<String>,
 }
 
 impl Observation {
-    /// Fills in what the peer's answer (if it answered) means for this node, on `my_timeline`
-    /// and in recovery or not: whether it counts this standby as synchronous (not listed as
-    /// streaming means not), whether it is a newer primary, whether it uses a witness.
-    pub fn with_answer(mut self, answer: Option<&PeerAnswer>, my_timeline: u32) -> Observation {
+    /// Fills in what the peer's answer (if it answered) means for this node (`me`, its node
+    /// name), on `my_timeline` and in recovery or not: whether it counts this standby as
+    /// synchronous (listed as `sync`, and trusted by its keeper when that says whom it trusts:
+    /// a standby back from async is listed `sync` before it holds what was acknowledged without
+    /// it), whether it is a newer primary, whether it uses a witness.
+    pub fn with_answer(
+        mut self,
+        answer: Option<&PeerAnswer>,
+        my_timeline: u32,
+        me: &str,
+    ) -> Observation {
         let from_primary = answer.filter(|a| self.in_recovery && !a.in_recovery);
-        self.peer_says_synchronous = from_primary
-            .map(|a| matches!(a.sync_state_of_asker.as_deref(), Some("sync" | "quorum")));
+        self.peer_says_synchronous = from_primary.map(|a| {
+            matches!(a.sync_state_of_asker.as_deref(), Some("sync" | "quorum"))
+                && a.trusted_standby.as_deref().is_none_or(|t| t == me)
+        });
         self.peer_uses_witness = from_primary.and_then(|a| a.uses_witness);
         self.peer_newer_primary = answer.is_some_and(|a| {
             !self.in_recovery && !a.in_recovery && a.timeline.is_some_and(|t| t > my_timeline)
@@ -796,6 +809,12 @@ impl Keeper {
     /// (Primary.) How the standby stands with [`SyncTrust`], for the status.
     pub fn trust(&self) -> SyncTrust {
         self.trust
+    }
+
+    /// (Primary.) Whether this tick trusts the standby as synchronous (what
+    /// [`Keeper::lease_names_standby`] last said): the heartbeat answer tells the standby so.
+    pub fn trusts_standby(&self) -> bool {
+        self.naming_standby
     }
 
     /// Consecutive failed heartbeats so far.

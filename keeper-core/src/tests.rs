@@ -1289,12 +1289,13 @@ fn what_a_peer_answer_means_depends_on_which_side_asks() {
         timeline: Some(3),
         sync_state_of_asker: Some("quorum".into()),
         uses_witness: Some(true),
+        trusted_standby: None,
     };
     let standby = Observation {
         in_recovery: true,
         ..Observation::default()
     }
-    .with_answer(Some(&from_primary), 2);
+    .with_answer(Some(&from_primary), 2, "node2");
     assert_eq!(standby.peer_says_synchronous, Some(true));
     assert_eq!(standby.peer_uses_witness, Some(true));
     assert!(
@@ -1315,17 +1316,17 @@ fn what_a_peer_answer_means_depends_on_which_side_asks() {
             ..Observation::default()
         };
         assert_eq!(
-            o.with_answer(Some(&a), 2).peer_says_synchronous,
+            o.with_answer(Some(&a), 2, "node2").peer_says_synchronous,
             Some(false)
         );
     }
     // A primary asking: newer only on a later timeline; nothing about synchronous.
-    let primary = Observation::default().with_answer(Some(&from_primary), 2);
+    let primary = Observation::default().with_answer(Some(&from_primary), 2, "node2");
     assert!(primary.peer_newer_primary);
     assert_eq!(primary.peer_says_synchronous, None);
     assert!(
         !Observation::default()
-            .with_answer(Some(&from_primary), 3)
+            .with_answer(Some(&from_primary), 3, "node2")
             .peer_newer_primary
     );
     // No answer: nothing.
@@ -1333,7 +1334,7 @@ fn what_a_peer_answer_means_depends_on_which_side_asks() {
         in_recovery: true,
         ..Observation::default()
     }
-    .with_answer(None, 2);
+    .with_answer(None, 2, "node2");
     assert_eq!(
         (none.peer_says_synchronous, none.peer_uses_witness),
         (None, None)
@@ -1510,4 +1511,37 @@ fn a_primary_that_starts_cut_off_does_not_serve_until_it_reaches_one() {
     k.step(&Input::Identified { in_recovery: false }, &s);
     k.set_paused(true);
     assert_eq!(k.step(&cut_off(0, 900), &s).actions, vec![StopServing]);
+}
+
+#[test]
+fn a_standby_listed_sync_counts_as_synchronous_only_if_the_primary_trusts_it() {
+    let answer = |trusted: Option<&str>| PeerAnswer {
+        in_recovery: false,
+        timeline: Some(1),
+        sync_state_of_asker: Some("sync".into()),
+        uses_witness: Some(false),
+        trusted_standby: trusted.map(str::to_string),
+    };
+    let says = |trusted| {
+        Observation {
+            in_recovery: true,
+            ..Observation::default()
+        }
+        .with_answer(Some(&answer(trusted)), 1, "node2")
+        .peer_says_synchronous
+    };
+    assert_eq!(says(Some("node2")), Some(true));
+    // Back from async, listed sync but not yet holding what was acknowledged without it.
+    assert_eq!(says(Some("")), Some(false));
+    assert_eq!(says(Some("node3")), Some(false));
+    // A primary whose keeper says nothing (hidden from the heartbeat's user): sync_state alone.
+    assert_eq!(says(None), Some(true));
+    // The primary says so once its trust confirms the standby.
+    let (mut k, _) = master_connected(3);
+    assert!(!k.trusts_standby());
+    let mut trusted = false;
+    for _ in 0..3 {
+        trusted = k.lease_names_standby(true, 10, Some(standby_at(10)));
+    }
+    assert!(trusted && k.trusts_standby());
 }

@@ -76,6 +76,9 @@ pub struct Server {
     pub keeper_memory: Option<keeper_core::Memory>,
     /// The keeper refuses sessions (an isolated primary), in shared memory.
     pub refusing: bool,
+    /// Whether the keeper trusts its standby as synchronous, as its worker last published it
+    /// (None: no worker has since the server or the worker started).
+    pub keeper_trusts: Option<bool>,
 }
 
 impl Server {
@@ -102,6 +105,7 @@ impl Server {
             sender: None,
             keeper_memory: None,
             refusing: false,
+            keeper_trusts: None,
         }
     }
 
@@ -136,6 +140,7 @@ impl Server {
         self.keeper_memory = None;
         // The keeper's flag was in shared memory.
         self.refusing = false;
+        self.keeper_trusts = None;
     }
 
     /// Starts the server again: in recovery if it was a standby or has `standby.signal`.

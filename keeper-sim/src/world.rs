@@ -124,6 +124,8 @@ struct PeerFacts {
     sync_state_of_asker: Option<&'static str>,
     /// Its witness setting is not empty.
     uses_witness: bool,
+    /// Whom its keeper trusts as synchronous (pg_stat_activity), if it said.
+    trusted_standby: Option<&'static str>,
 }
 
 /// The background worker of one server.
@@ -598,6 +600,9 @@ impl World {
             timeline: peer.timeline,
             sync_state_of_asker: sync_state,
             uses_witness: self.c.has_witness(1 - n),
+            trusted_standby: peer
+                .keeper_trusts
+                .map(|trusts| if trusts { NAMES[n] } else { "" }),
         };
         (Some(Heartbeat::Answered), Some(facts), 0)
     }
@@ -630,6 +635,8 @@ impl World {
             tick.insert_lsn,
             tick.standby,
         );
+        // Published for the standby's heartbeat (src/worker.rs, pg_stat_activity).
+        self.servers[n].keeper_trusts = Some(sync_standby_now);
         if self.c.has_witness(n) && (primary || standby) {
             let timeline = self.servers[n].timeline;
             let lease_ms = self.c.lease_ms();
@@ -736,10 +743,11 @@ impl World {
             timeline: (!f.in_recovery).then_some(f.timeline),
             sync_state_of_asker: f.sync_state_of_asker.map(str::to_string),
             uses_witness: Some(f.uses_witness),
+            trusted_standby: f.trusted_standby.map(str::to_string),
         });
         self.decide(
             n,
-            Input::Tick(obs.with_answer(answer.as_ref(), my_timeline)),
+            Input::Tick(obs.with_answer(answer.as_ref(), my_timeline, NAMES[n])),
         );
     }
 
@@ -933,6 +941,8 @@ impl World {
     pub fn restart_worker(&mut self, n: usize) {
         if self.workers[n].is_some() {
             self.workers[n] = Some(Worker::new());
+            // Its row in pg_stat_activity went with it.
+            self.servers[n].keeper_trusts = None;
         }
     }
 

@@ -46,7 +46,13 @@ fn hole_1_restored_sync_is_not_trusted_before_the_standby_has_caught_up() {
         trace.contains("restoring synchronous replication"),
         "{s}\n{trace}"
     );
-    assert!(trace.contains("does not name this standby"), "{s}\n{trace}");
+    // Held back by the lease, or (since the primary's answer says whom it trusts) already by
+    // the standby's own guard.
+    assert!(
+        trace.contains("does not name this standby")
+            || trace.contains("was not its synchronous standby"),
+        "{s}\n{trace}"
+    );
 }
 
 /// The longest time node `n` acknowledged nothing between `from` and `to` (ms from the start of
@@ -440,4 +446,39 @@ fn hole_8_an_isolated_primary_that_nobody_replaced_serves_again() {
     assert!(trace.contains("node1: StopServing done"), "{trace}");
     assert!(trace.contains("node1: ResumeServing done"), "{trace}");
     assert!(!trace.contains("TakeLease done"), "{trace}");
+}
+
+/// Hole 1 without a witness: the standby's own guard ("was it the synchronous standby at the
+/// primary's last answer?") trusted `sync_state = 'sync'` as soon as replication was back, while
+/// the standby still lacked commits acknowledged asynchronously; the primary's crash then
+/// promoted it without them. Now the primary's answer also says whom its keeper trusts as
+/// synchronous (the same rule as the lease's), and the standby goes by that.
+#[test]
+fn hole_1_without_a_witness_the_standby_trusts_only_what_the_primary_trusts() {
+    let c = Config {
+        witness: false,
+        sync_restore_lag: 200,
+        check_liveness: false,
+        ..Config::default()
+    };
+    let s = Schedule {
+        seed: 11,
+        faults: vec![
+            (1000, Fault::Replication(Link::Drop)),
+            (9000, Fault::Replication(Link::Slow)),
+            (12_000, Fault::Crash(0)),
+        ],
+        heal_at: 24_000,
+    };
+    let out = run(&c, &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    assert!(
+        trace.contains("restoring synchronous replication"),
+        "{s}\n{trace}"
+    );
+    assert!(
+        trace.contains("was not its synchronous standby"),
+        "{s}\n{trace}"
+    );
 }
