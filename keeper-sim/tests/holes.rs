@@ -289,7 +289,7 @@ fn hole_9_a_live_primary_with_slow_calls_keeps_its_lease() {
         "{trace}"
     );
     assert!(
-        trace.contains("switching to asynchronous replication"),
+        trace.contains("lost; switching to asynchronous replication"),
         "{trace}"
     );
 }
