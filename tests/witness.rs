@@ -847,12 +847,13 @@ fn waiting_for_sync_rep(node: &Node) -> Option<u32> {
 /// tick, so the client gets no answer rather than a false success.
 #[test]
 fn a_primary_isolated_from_both_ends_the_sessions_waiting_for_synchronous_replication() {
-    // Two failures: the standby counts as lost (and the waiting sessions are ended) a tick
-    // before the primary counts as isolated, which ends every session anyway.
+    // One failure: the standby counts as lost (and the waiting sessions are ended) before the
+    // primary counts as isolated (3 s after its last contact), which ends every session anyway.
+    // Black-holed, each tick waits out the heartbeat and the witness, about 2 s.
     let pp = ProxiedPair::connected_with_witness(
         "w-end-waiting",
         Options {
-            keepalive_count: 2,
+            keepalive_count: 1,
             ..Options::default()
         },
     );
