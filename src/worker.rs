@@ -470,7 +470,7 @@ impl Worker {
         let sync_standby_now =
             self.keeper
                 .lease_names_standby(view.sync_in_force, view.insert_lsn, view.peer);
-        self.publish_trust(sync_standby_now);
+        self.publish_trust(self.keeper.trusts_standby());
         let lease = self.observe_lease(mode, in_recovery, my_timeline, sync_standby_now);
         let obs = Observation {
             now_ms: self.started.elapsed().as_millis() as u64,

@@ -811,10 +811,11 @@ impl Keeper {
         self.trust
     }
 
-    /// (Primary.) Whether this tick trusts the standby as synchronous (what
-    /// [`Keeper::lease_names_standby`] last said): the heartbeat answer tells the standby so.
+    /// (Primary.) Whether the standby is trusted as synchronous this tick ([`SyncTrust`] as of
+    /// the last [`Keeper::lease_names_standby`], in any primary mode): the heartbeat answer tells
+    /// the standby so, for its own promotion guard.
     pub fn trusts_standby(&self) -> bool {
-        self.naming_standby
+        self.mode.is_master() && self.trust == SyncTrust::Confirmed
     }
 
     /// Consecutive failed heartbeats so far.

@@ -636,7 +636,7 @@ impl World {
             tick.standby,
         );
         // Published for the standby's heartbeat (src/worker.rs, pg_stat_activity).
-        self.servers[n].keeper_trusts = Some(sync_standby_now);
+        self.servers[n].keeper_trusts = Some(self.worker(n).keeper.trusts_standby());
         if self.c.has_witness(n) && (primary || standby) {
             let timeline = self.servers[n].timeline;
             let lease_ms = self.c.lease_ms();

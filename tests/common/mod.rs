@@ -577,6 +577,25 @@ pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEP
             "{} is not streaming from {}",
             standby.name, primary.name
         );
+        // With synchronous replication, the primary's keeper says whom it trusts as
+        // synchronous (once the standby holds everything acknowledged); the standby counts
+        // itself synchronous, and so promotes, only after it has heard that.
+        let trusted = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_keeper' \
+             AND (current_setting('synchronous_standby_names') = '' \
+                  OR query = 'pg_keeper: trusts as synchronous standby: {}')",
+            standby.name
+        );
+        let ok = wait_until(Duration::from_secs(30), || {
+            primary.sql(&trusted).is_ok_and(|n| n == "1")
+        });
+        assert!(
+            ok,
+            "{}'s keeper does not trust {} as synchronous: {:?}",
+            primary.name,
+            standby.name,
+            primary.sql("SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_keeper'")
+        );
         sleep(Duration::from_millis(1500));
     }
 
