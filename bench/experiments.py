@@ -1,5 +1,6 @@
-"""The four measurements: primary crash, standby crash, keeper overhead (CPU and memory while
-heartbeating), and pgbench throughput with and without the extension.
+"""The measurements: primary crash, standby crash, frozen primary (SIGSTOP), cut link between the
+nodes (through proxies), keeper overhead (CPU, memory and WAL while heartbeating), and pgbench
+throughput with and without the extension.
 
 Each trial returns a dict of figures (seconds, counts, MB) or raises; the caller records a
 raised error as a failed repetition and goes on.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 
 import psycopg
 
-from pgpair import BIN, BenchError, Node, Pair, Registry, cpu_ns, cpu_ticks, make_pair, memory_kb, parse_log, wait_until
+from pgpair import (BIN, BenchError, Node, Pair, Registry, cpu_ns, cpu_ticks, lease_ms, make_pair, memory_kb,
+                    parse_log, wait_until)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -36,9 +39,10 @@ class Setting:
 
     @property
     def lease(self) -> float | None:
-        """(keepalive_count + 2) x keepalive_time, in seconds: the lease time on the witness
-        (None without a witness). A standby promotes only once the primary's lease has expired."""
-        return (self.kcount + 2) * self.ktime_ms / 1000.0 if self.witness else None
+        """3 x keepalive_time + 200 ms (whatever keepalive_count), in seconds: the lease time on
+        the witness (None without a witness). A standby promotes only once the primary's lease has
+        expired."""
+        return lease_ms(self.ktime_ms) / 1000.0 if self.witness else None
 
     @property
     def label(self) -> str:
@@ -71,12 +75,19 @@ class Writer(threading.Thread):
 
     After a failed commit it reconnects at once; a failed connection attempt is retried one
     interval later. Every acknowledged commit is recorded as (id, Unix time of the ack, port of
-    the server that acknowledged it)."""
+    the server that acknowledged it).
 
-    def __init__(self, conninfo: str, interval: float = 0.01):
+    With `commit_timeout`, a commit that has not returned after that many seconds is given up:
+    a watchdog shuts the connection's socket down (a frozen server would otherwise hold the
+    client forever: its kernel still acknowledges the TCP traffic), and the client reconnects."""
+
+    def __init__(self, conninfo: str, interval: float = 0.01, commit_timeout: float | None = None):
         super().__init__(daemon=True)
         self.conninfo = conninfo
         self.interval = interval
+        self.commit_timeout = commit_timeout
+        self.timeouts = 0
+        self._inflight: tuple[float, psycopg.Connection] | None = None
         self.acks: list[tuple[int, float, int]] = []
         self.failures: list[tuple[float, str]] = []
         self.connects: list[tuple[float, int]] = []
@@ -90,8 +101,27 @@ class Writer(threading.Thread):
     def acks_since(self, t: float, port: int | None = None) -> list[tuple[int, float, int]]:
         return [a for a in list(self.acks) if a[1] > t and (port is None or a[2] == port)]
 
+    def _watchdog(self) -> None:
+        while not self._stop_flag.wait(0.02):
+            inflight = self._inflight
+            if inflight is None or time.monotonic() - inflight[0] < self.commit_timeout:
+                continue
+            try:
+                sk = socket.socket(fileno=os.dup(inflight[1].fileno()))
+                try:
+                    sk.shutdown(socket.SHUT_RDWR)
+                finally:
+                    sk.close()
+                self.timeouts += 1
+            except Exception:
+                pass
+            if self._inflight is inflight:
+                self._inflight = None
+
     def run(self) -> None:
         port = 0
+        if self.commit_timeout is not None:
+            threading.Thread(target=self._watchdog, daemon=True, name="writer-watchdog").start()
         while not self._stop_flag.is_set():
             if self.conn is None:
                 try:
@@ -107,9 +137,12 @@ class Writer(threading.Thread):
             self._next_id += 1
             t0 = time.monotonic()
             try:
+                self._inflight = (t0, self.conn)
                 self.conn.execute("INSERT INTO bench_writes (id) VALUES (%s)", (i,))
+                self._inflight = None
                 self.acks.append((i, time.time(), port))
             except Exception as e:
+                self._inflight = None
                 self.failures.append((time.time(), f"commit {i}: {str(e).splitlines()[0] if str(e) else e!r}"))
                 try:
                     self.conn.close()
@@ -408,6 +441,227 @@ def standby_crash(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
         pair.destroy()
 
 
+# ---------------------------------------------------------------- frozen primary
+
+# A commit on the frozen primary is given up after this long (the client then reconnects).
+FROZEN_COMMIT_TIMEOUT_S = 1.0
+
+
+def frozen_primary(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
+    """SIGSTOP of the primary's postmaster and all its children under a writing client: the
+    server hangs without closing any connection. The standby must take over; once it has, the
+    old primary is continued (SIGCONT) and must fence itself (`superseded`) and go away."""
+    pair = make_pair(reg, f"frozen-{s.slug}", s.ktime_ms, s.kcount, witness=s.witness)
+    w = None
+    watch = None
+    t_freeze = t_thaw = None
+    n1, n2 = pair.node1, pair.node2
+    try:
+        n1.query(CREATE_TABLE)
+        w = Writer(pair.multihost(), commit_timeout=FROZEN_COMMIT_TIMEOUT_S)
+        w.start()
+        _warm_up(w, s)
+        if pair.witness is not None:
+            watch = LeaseWatch(pair.witness)
+            watch.start()
+            if not wait_until(5, lambda: watch.last_of("node1"), 0.02):
+                raise BenchError(f"could not read the lease on the witness ({watch.errors} failed reads)")
+        n1_pids = n1.remember_processes()
+        t_freeze = n1.freeze()
+        limit = max(s.budget, s.lease or 0.0) + 30
+        if not wait_until(limit, lambda: w.acks_since(t_freeze, n2.port), 0.02):
+            raise BenchError(f"no commit accepted by node2 within {limit:.1f}s after the freeze "
+                             f"(node2 title {n2.title()}, last client error: {w.failures[-1][1] if w.failures else 'none'})")
+        time.sleep(0.5)
+        stop_watch(watch)
+        t_thaw = n1.thaw()
+        superseded = wait_until(limit, lambda: n1.first_line("superseded", t_thaw), 0.02)
+        gone = n1.wait_gone(limit)
+        t_gone = time.time() if gone else None
+        time.sleep(0.2)
+        stop_writer(w)
+
+        last_old = max(a[1] for a in w.acks if a[2] == n1.port and a[1] <= t_freeze + 0.1)
+        first_new = min(a[1] for a in w.acks if a[2] == n2.port)
+        lost = n2.first_line("lost; promoting", t_freeze)
+        ready = n2.first_line("database system is ready to accept connections", t_freeze, keeper_only=False)
+        promoted = n2.first_line("promoted:", t_freeze)
+        if lost is None:
+            raise BenchError("node2 accepted writes but its log has no 'lost; promoting' line")
+        writable = ready.t if ready else (promoted.t if promoted else None)
+        if writable is None:
+            raise BenchError("node2 accepted writes but its log shows no end of recovery")
+        missing, unacked = missing_acked(n2, w)
+        outage = first_new - last_old
+        result = {
+            "outage_s": outage,
+            "detection_s": lost.t - t_freeze,
+            "promotion_s": writable - lost.t,
+            "reconnection_s": outage - (lost.t - t_freeze) - (writable - lost.t),
+            "keeper_promoted_line_s": (promoted.t - t_freeze) if promoted else float("nan"),
+            # after the thaw: node1's keeper sees that it was superseded and shuts it down.
+            "fenced_line_s": (superseded.t - t_thaw) if superseded else float("nan"),
+            "fenced_gone_s": (t_gone - t_thaw) if t_gone else float("nan"),
+            "node1_acks_after_freeze": len(w.acks_since(t_freeze + 0.01, n1.port)),
+            "lost_commits": missing,
+            "unacked_but_present": unacked,
+            "acked_commits": len(w.acks),
+            "client_commit_timeouts": w.timeouts,
+            "client_failures": len(w.failures),
+            "frozen_processes": len(n1_pids),
+        }
+        if watch is not None:
+            result.update(_lease_figures(watch, n2, t_freeze, first_new))
+        if superseded is None:
+            raise BenchError(f"node1 did not log 'superseded' within {limit:.0f}s after the thaw "
+                             f"(title {n1.title()}); figures so far: {result}")
+        if not gone:
+            raise BenchError(f"node1's processes did not all exit within {limit:.0f}s after the thaw "
+                             f"(title {n1.title()}); figures so far: {result}")
+        return result
+    finally:
+        # A stopped server cannot be stopped by pg_ctl: continue every frozen process first.
+        n1.thaw()
+        stop_writer(w)
+        stop_watch(watch)
+        if t_freeze is not None:
+            log_sink.append(f"## frozen primary {s.label} (times relative to the freeze"
+                            + (f"; thawed at {t_thaw - t_freeze:+.3f}s)" if t_thaw else ")"))
+            log_sink.extend(_keeper_log(pair, t_freeze, watch))
+        pair.destroy()
+
+
+# ---------------------------------------------------------------- cut link between the nodes
+
+def _longest_gap(times: list[float], since: float, until: float) -> float | None:
+    """The longest gap between consecutive times from the last one at or before `since` up to
+    the first one after `until` (None without a time before `since` and one after it)."""
+    before = [t for t in times if t <= since]
+    if not before:
+        return None
+    seq = [before[-1]] + [t for t in times if since < t <= until]
+    after = [t for t in times if t > until]
+    if after:
+        seq.append(after[0])
+    if len(seq) < 2:
+        return None
+    return max(b - a for a, b in zip(seq, seq[1:]))
+
+
+def cut_link(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
+    """Cuts the link between the nodes both ways (heartbeats and replication, through proxies)
+    while each still reaches the witness and a client writes to node1 directly. With a witness
+    node1 keeps the lease and switches to asynchronous replication after the budget, and node2
+    must not promote; without one node2 promotes and both are writable until the link heals and
+    node1 fences itself. Then the link is healed and what follows is recorded."""
+    pair = make_pair(reg, f"cut-{s.slug}", s.ktime_ms, s.kcount, witness=s.witness, proxied=True)
+    w = None
+    t_cut = t_heal = None
+    n1, n2 = pair.node1, pair.node2
+    try:
+        n1.query(CREATE_TABLE)
+        w = Writer(n1.conninfo("connect_timeout=2"))
+        w.start()
+        _warm_up(w, s)
+        t_cut = pair.cut()
+        limit = max(s.budget, s.lease or 0.0) + 30
+        ktime = s.ktime_ms / 1000.0
+
+        def switched():
+            line = n1.first_line("changed replication mode to asynchronous", t_cut)
+            return line is not None and bool(w.acks_since(line.t - 0.01))
+
+        ok = wait_until(limit, switched, 0.02)
+        # node2's decision: promotion without a witness; with one a refusal to promote (it
+        # cannot take the lease), and it must stay a standby.
+        if s.witness:
+            held = wait_until(limit, lambda: n2.first_line("the lease on the witness cannot be taken", t_cut), 0.02)
+            # Keep the cut a while longer: a lease the primary stopped renewing would expire.
+            time.sleep(max(2.0, (s.lease or 0) + 2 * ktime))
+        else:
+            held = None
+            wait_until(limit, lambda: n2.first_line("database system is ready to accept connections",
+                                                    t_cut, keeper_only=False), 0.02)
+            time.sleep(max(1.0, 2 * ktime))  # both writable: node1 keeps acknowledging commits
+        lost_line = n2.first_line("lost; promoting", t_cut)
+        ready = n2.first_line("database system is ready to accept connections", t_cut, keeper_only=False)
+        try:
+            in_recovery = n2.query("SELECT pg_is_in_recovery()")[0][0]
+        except Exception:
+            in_recovery = None
+        lease_during = pair.lease() if pair.witness is not None else None
+        t_heal = pair.heal()
+
+        # After the heal: without a witness (node2 promoted) node1 must be superseded and go;
+        # with one node2 streams again and node1 restores synchronous replication.
+        superseded = gone = restored = None
+        if ready is not None:
+            superseded = wait_until(limit, lambda: n1.first_line("superseded", t_heal), 0.02)
+            gone = time.time() if n1.wait_gone(limit) else None
+        else:
+            restored = wait_until(limit, lambda: n1.first_line("restored synchronous replication", t_heal), 0.02)
+            if restored:
+                wait_until(10, lambda: w.acks_since(restored.t), 0.02)
+        time.sleep(0.3)
+        stop_writer(w)
+
+        times1 = [a[1] for a in w.acks if a[2] == n1.port]
+        lost_async = n1.first_line("lost; switching to asynchronous", t_cut)
+        sw = n1.first_line("changed replication mode to asynchronous", t_cut)
+        stall = _longest_gap(times1, t_cut, t_heal)
+        result = {
+            "stall_s": stall if stall is not None else float("nan"),
+            "detection_s": (lost_async.t - t_cut) if lost_async else float("nan"),
+            "switch_s": (sw.t - lost_async.t) if sw and lost_async else float("nan"),
+            "node2_promoted": int(ready is not None or lost_line is not None or in_recovery is False),
+            "node2_detection_s": (lost_line.t - t_cut) if lost_line else float("nan"),
+            "node2_refusal_line_s": (held.t - t_cut) if held else float("nan"),
+            "cut_held_s": t_heal - t_cut,
+            "acked_during_cut": len([t for t in times1 if t_cut < t <= t_heal]),
+            "acked_commits": len(w.acks),
+            "client_failures": len(w.failures),
+        }
+        if ready is not None:
+            # Split brain by design (no witness): node2 writable from its end of recovery, node1
+            # until it fenced itself after the heal.
+            stop1 = superseded.t if superseded else (gone or time.time())
+            result["node2_writable_s"] = ready.t - t_cut
+            result["both_writable_s"] = stop1 - ready.t
+            result["node1_acks_after_promotion"] = len([t for t in times1 if t > ready.t])
+            result["heal_fenced_line_s"] = (superseded.t - t_heal) if superseded else float("nan")
+            result["heal_node1_gone_s"] = (gone - t_heal) if gone else float("nan")
+            try:
+                missing, _ = missing_acked(n2, w)
+            except Exception:
+                missing = float("nan")
+            result["lost_commits"] = missing  # acknowledged by node1 while async, not on node2
+        else:
+            result["heal_sync_restored_s"] = (restored.t - t_heal) if restored else float("nan")
+            missing, _ = missing_acked(n1, w)
+            result["lost_commits"] = missing
+        if s.witness:
+            released = n1.first_line("recorded on the witness that no standby is synchronous", t_cut)
+            result["lease_released_line_s"] = (released.t - t_cut) if released else float("nan")
+            result["lease_ok_during_cut"] = int(lease_during == ("node1", None))
+        if not ok:
+            raise BenchError(f"commits on node1 not released within {limit:.1f}s after the cut "
+                             f"(node1 title {n1.title()}); figures so far: {result}")
+        if not s.witness and ready is None:
+            raise BenchError(f"node2 did not promote within {limit:.0f}s of the cut without a witness; "
+                             f"figures so far: {result}")
+        if ready is not None and (superseded is None or gone is None):
+            raise BenchError(f"after the heal node1 did not fence itself and exit within {limit:.0f}s "
+                             f"(title {n1.title()}); figures so far: {result}")
+        return result
+    finally:
+        stop_writer(w)
+        if t_cut is not None:
+            log_sink.append(f"## cut link {s.label} (times relative to the cut"
+                            + (f"; healed at {t_heal - t_cut:+.3f}s)" if t_heal else ")"))
+            log_sink.extend(_keeper_log(pair, t_cut))
+        pair.destroy()
+
+
 # ---------------------------------------------------------------- 3. overhead of the keeper
 
 def _heartbeat_backends(node: Node) -> list[int]:
@@ -417,8 +671,13 @@ def _heartbeat_backends(node: Node) -> list[int]:
     return [r[0] for r in rows]
 
 
+def _wal_lsn(node: Node) -> int:
+    """The primary's current WAL write position, in bytes."""
+    return int(node.query("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::int8")[0][0])
+
+
 def _snapshot(pair: Pair) -> dict:
-    snap = {}
+    snap = {"wal": _wal_lsn(pair.node1), "t": time.monotonic()}
     for n in pair.nodes:
         kp = n.keeper_pid()
         if kp is None:
@@ -465,6 +724,12 @@ def overhead_window(pairs: dict[Setting, Pair | Exception], duration: float) -> 
         try:
             a = _snapshot(p)
             r = {}
+            # WAL written by the idle primary (the keeper's pulse every keepalive_time while the
+            # standby streams, plus what the server itself logs, e.g. running-xacts records).
+            wal_bytes = a["wal"] - b["wal"]
+            wal_window = a["t"] - b["t"]
+            r["primary_wal_bytes_per_h"] = wal_bytes * 3600.0 / wal_window
+            r["primary_wal_bytes_per_keepalive"] = wal_bytes / (wal_window / (s.ktime_ms / 1000.0))
             backend_ticks = backend_ns = 0
             backends_stable = True
             for name, role in (("node1", "primary"), ("node2", "standby")):

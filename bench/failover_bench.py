@@ -2,7 +2,8 @@
 
 Sets up real primary/standby pairs of the installed PostgreSQL 15 with the installed extension
 (with a setting like '1s x 3 + witness', also a third plain server as the keepers' witness),
-crashes them with kill -9 under a writing client, measures the keepers' CPU and memory while they
+crashes them with kill -9 under a writing client, freezes the primary (SIGSTOP), cuts the link
+between the nodes (through proxies), measures the keepers' CPU and memory while they
 heartbeat, and compares pgbench throughput with and without the extension. Writes results.csv,
 outage.png, summary.md and keeper_lines.log to the output directory (--results/--out, default
 bench/results).
@@ -30,7 +31,7 @@ import pgpair  # noqa: E402
 from pgpair import BIN, Registry  # noqa: E402
 
 DEFAULT_SETTINGS = "5s x 1, 1s x 3, 200ms x 3, 100ms x 3"
-EXPERIMENTS = ("primary", "standby", "overhead", "pgbench")
+EXPERIMENTS = ("primary", "standby", "frozen", "cut", "overhead", "pgbench")
 
 
 def parse_args(argv):
@@ -211,6 +212,16 @@ def main(argv) -> int:
             for rep in range(1, args.reps + 1):
                 for s in args.settings:
                     run.trial("standby_crash", s, rep, lambda: ex.standby_crash(reg, s, run.keeper_lines))
+        if "frozen" in args.only:
+            print("frozen primary (SIGSTOP of the primary's postmaster and children, later SIGCONT):", flush=True)
+            for rep in range(1, args.reps + 1):
+                for s in args.settings:
+                    run.trial("frozen_primary", s, rep, lambda: ex.frozen_primary(reg, s, run.keeper_lines))
+        if "cut" in args.only:
+            print("cut link (heartbeats and replication between the nodes blackholed, later healed):", flush=True)
+            for rep in range(1, args.reps + 1):
+                for s in args.settings:
+                    run.trial("cut_link", s, rep, lambda: ex.cut_link(reg, s, run.keeper_lines))
         if "overhead" in args.only:
             print(f"overhead (one idle pair per setting, {args.reps} window(s) of {args.duration:g}s):", flush=True)
             pairs = ex.overhead_start(reg, args.settings)

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -94,8 +95,15 @@ def alive(pid: int) -> bool:
 
 
 def children_of(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True, timeout=10)
-    return [int(p) for p in out.stdout.split()]
+    """The live children of `pid`, from /proc (fast: used between the SIGSTOPs of a freeze)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = stat_fields(int(entry))
+        if fields is not None and fields[0] != "Z" and int(fields[1]) == pid:
+            kids.append(int(entry))
+    return kids
 
 
 def cpu_ticks(pid: int) -> int | None:
@@ -125,6 +133,153 @@ def memory_kb(pid: int) -> dict[str, int]:
     except OSError:
         pass
     return result
+
+
+# ---------------------------------------------------------------- TCP proxy
+
+class Proxy:
+    """A threaded TCP forwarder on 127.0.0.1: every accepted connection gets its own connection
+    to `target_port`, and two threads copy bytes both ways.
+
+    `blackhole()` stops forwarding and reading in both directions (and new connections are
+    accepted but not connected onwards), while every socket stays open: to both ends it looks
+    like a dropped network, with nothing closed and nothing answered. `heal()` resumes: held
+    bytes are delivered, held connections are connected onwards (those whose client gave up
+    meanwhile are dropped), and a close that happened during the cut reaches the other end."""
+
+    def __init__(self, target_port: int, name: str = "proxy"):
+        self.name = name
+        self.target_port = target_port
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self._open = threading.Event()  # set: forwarding; clear: blackholed
+        self._open.set()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._socks: set[socket.socket] = set()
+        self._held: list[socket.socket] = []  # accepted during a blackhole, not yet connected on
+        self.accepted = 0
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True, name=f"{name}-accept")
+        self._thread.start()
+
+    @property
+    def blackholed(self) -> bool:
+        return not self._open.is_set()
+
+    def blackhole(self) -> None:
+        self._open.clear()
+
+    def heal(self) -> None:
+        with self._lock:
+            held, self._held = self._held, []
+        self._open.set()
+        for client in held:
+            if self._client_gone(client):
+                self._drop(client)
+            else:
+                self._connect_on(client)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._open.set()
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        with self._lock:
+            socks, self._socks = list(self._socks), set()
+            self._held = []
+        for sk in socks:
+            try:
+                sk.close()
+            except OSError:
+                pass
+
+    # -- internals
+
+    def _track(self, sk: socket.socket) -> None:
+        with self._lock:
+            self._socks.add(sk)
+
+    def _drop(self, sk: socket.socket) -> None:
+        with self._lock:
+            self._socks.discard(sk)
+        try:
+            sk.close()
+        except OSError:
+            pass
+
+    @staticmethod
+    def _client_gone(sk: socket.socket) -> bool:
+        try:
+            return sk.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._track(client)
+            with self._lock:
+                if self.blackholed:
+                    self._held.append(client)
+                    continue
+            self._connect_on(client)
+
+    def _connect_on(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            upstream.settimeout(None)
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            self._drop(client)
+            return
+        self._track(upstream)
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(src, dst), daemon=True, name=f"{self.name}-pump").start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        import select
+        try:
+            while not self._closed.is_set():
+                self._open.wait()
+                if self._closed.is_set():
+                    break
+                try:
+                    ready, _, _ = select.select([src], [], [], 0.05)
+                except (OSError, ValueError):
+                    break
+                if not ready or self.blackholed:
+                    continue  # blackholed: leave the bytes (or the close) unread
+                try:
+                    data = src.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                self._open.wait()  # read just as the cut began: deliver it after the heal
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    break
+        finally:
+            # One end closed (or broke): close both, which ends the other direction's pump too.
+            for sk in (src, dst):
+                try:
+                    sk.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self._drop(sk)
 
 
 # ---------------------------------------------------------------- log parsing
@@ -165,6 +320,8 @@ class Node:
     log: str
     # (pid, start time) of every process of this server seen so far, for the final clean-up.
     seen: set = field(default_factory=set)
+    # (pid, start time) of the processes stopped by freeze() and not yet continued by thaw().
+    frozen: set = field(default_factory=set)
 
     def conninfo(self, extra: str = "") -> str:
         return f"host=127.0.0.1 port={self.port} dbname=postgres user=postgres {extra}".strip()
@@ -237,12 +394,58 @@ class Node:
         os.kill(pm, signal.SIGKILL)
         return t
 
+    def freeze(self) -> float:
+        """SIGSTOP of the postmaster and all its children (a server that hangs without closing a
+        connection); returns the Unix time just before the first signal.
+
+        The processes are remembered first; the postmaster is stopped first (it forks no more),
+        then its children, then any child forked in between. thaw() (also called by stop())
+        continues them: a stopped server cannot be stopped by pg_ctl."""
+        pm = self.postmaster_pid()
+        if pm is None:
+            raise BenchError(f"{self.name} is not running")
+        kids = [p for p in self.remember_processes() if p != pm]
+        pm_st = proc_start_time(pm)
+        t = time.time()
+        os.kill(pm, signal.SIGSTOP)
+        self.frozen.add((pm, pm_st))
+        for _ in range(2):
+            for p in kids:
+                st = proc_start_time(p)
+                if st is not None and (p, st) not in self.frozen:
+                    try:
+                        os.kill(p, signal.SIGSTOP)
+                        self.frozen.add((p, st))
+                        self.seen.add((p, st))
+                    except OSError:
+                        pass
+            kids = children_of(pm)
+        return t
+
+    def thaw(self) -> float | None:
+        """SIGCONT of every process freeze() stopped that still runs; returns the Unix time just
+        before the first signal (None if nothing was frozen)."""
+        if not self.frozen:
+            return None
+        t = time.time()
+        # Children first, the postmaster last (it then finds its children running).
+        for p, st in sorted(self.frozen, key=lambda x: x[0] == self.postmaster_pid()):
+            if proc_start_time(p) == st:
+                try:
+                    os.kill(p, signal.SIGCONT)
+                except OSError:
+                    pass
+        self.frozen.clear()
+        return t
+
     def wait_gone(self, timeout: float = 20) -> bool:
         """Waits until every remembered process of this server has exited."""
         return bool(wait_until(timeout, lambda: not any(proc_start_time(p) == st for p, st in self.seen), 0.05))
 
     def stop(self) -> None:
-        """Stops the server at once (pg_ctl -m immediate), then kill -9 whatever is left of it."""
+        """Stops the server at once (pg_ctl -m immediate), then kill -9 whatever is left of it.
+        A frozen server is thawed first."""
+        self.thaw()
         if self.postmaster_pid() is not None:
             self.remember_processes()
             as_postgres([f"{BIN}/pg_ctl", "-D", self.dir, "-m", "immediate", "-w", "-t", "30", "stop"],
@@ -273,6 +476,7 @@ class Registry:
         self.root = tempfile.mkdtemp(prefix="pg_keeper_bench.", dir="/tmp")
         shutil.chown(self.root, PG_USER, PG_USER)
         self.nodes: list[Node] = []
+        self.proxies: list[Proxy] = []
         self._template: str | None = None
         self._serial = 0
 
@@ -298,6 +502,9 @@ class Registry:
             self.nodes.remove(node)
 
     def cleanup(self) -> None:
+        for px in list(self.proxies):
+            px.close()
+        self.proxies.clear()
         for node in list(self.nodes):
             try:
                 node.stop()
@@ -305,6 +512,15 @@ class Registry:
                 print(f"warning: could not stop {node.dir}: {e}")
         self.nodes.clear()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+LEASE_MARGIN_MS = 200
+
+
+def lease_ms(ktime_ms: int) -> int:
+    """The keepers' lease time on the witness: 3 x keepalive_time + 200 ms (keeper-core's
+    lease_time_ms), whatever keepalive_count."""
+    return 3 * ktime_ms + LEASE_MARGIN_MS
 
 
 @dataclass
@@ -318,6 +534,31 @@ class Pair:
     extension: bool
     # The plain server named by pg_keeper.witness_conninfo, if the pair has one.
     witness: Node | None = None
+    # make_pair(proxied=True): the forwarders to node1 and to node2 that carry everything the
+    # nodes send each other (heartbeats both ways, replication); clients and the witness
+    # connect directly.
+    proxy1: Proxy | None = None
+    proxy2: Proxy | None = None
+
+    @property
+    def proxies(self) -> list[Proxy]:
+        return [p for p in (self.proxy1, self.proxy2) if p is not None]
+
+    def cut(self) -> float:
+        """Cuts the link between the nodes both ways (blackholes both proxies); returns the Unix
+        time just before."""
+        if not self.proxies:
+            raise BenchError("the pair has no proxies (make_pair(proxied=True))")
+        t = time.time()
+        for px in self.proxies:
+            px.blackhole()
+        return t
+
+    def heal(self) -> float:
+        t = time.time()
+        for px in self.proxies:
+            px.heal()
+        return t
 
     @property
     def nodes(self) -> list[Node]:
@@ -331,8 +572,9 @@ class Pair:
 
     @property
     def lease_ms(self) -> int:
-        """The lease time the keepers use with a witness: (keepalive_count + 2) x keepalive_time."""
-        return (self.kcount + 2) * self.ktime_ms
+        """The lease time the keepers use with a witness: 3 x keepalive_time + 200 ms, whatever
+        keepalive_count."""
+        return lease_ms(self.ktime_ms)
 
     def lease(self) -> tuple[str, str | None] | None:
         """(holder, sync_standby) of the lease row on the witness, or None if there is none yet."""
@@ -346,6 +588,10 @@ class Pair:
                 f"user=postgres target_session_attrs=read-write connect_timeout=2 {extra}").strip()
 
     def destroy(self) -> None:
+        for px in self.proxies:
+            px.close()
+            if px in self.reg.proxies:
+                self.reg.proxies.remove(px)
         for n in self.servers:
             try:
                 n.stop()
@@ -355,7 +601,7 @@ class Pair:
 
 
 STARTED_RE = re.compile(r"pg_keeper: started; keepalive_time=(\d+)ms keepalive_count=(\d+)")
-# The rest of the started line: "; witness host=... with a lease of 5000ms" or "; no witness".
+# The rest of the started line: "; witness host=... with a lease of 3200ms" or "; no witness".
 STARTED_WITNESS_RE = re.compile(r"; witness .* with a lease of (\d+)ms")
 
 
@@ -442,13 +688,18 @@ log_timezone = 'UTC'
 
 
 def make_pair(reg: Registry, label: str, ktime_ms: int, kcount: int, extension: bool = True,
-              connect_timeout: float | None = None, witness: bool = False) -> Pair:
+              connect_timeout: float | None = None, witness: bool = False, proxied: bool = False) -> Pair:
     """Creates and starts node1 (primary) and node2 (synchronous standby, from pg_basebackup), and
     waits until node2 streams synchronously and, with the extension, both keepers are connected.
 
     With `witness` (and the extension) a third plain server is started first (trust auth, fsync
     on, no extension) and named by both nodes' pg_keeper.witness_conninfo; the pair is ready
-    once the lease on it is held by node1 and names node2 as its synchronous standby."""
+    once the lease on it is held by node1 and names node2 as its synchronous standby.
+
+    With `proxied`, everything the nodes send each other goes through two Proxy forwarders
+    (pair.proxy1 to node1, pair.proxy2 to node2): pg_keeper.node1_conninfo/node2_conninfo name
+    the proxies, and so do both primary_conninfo; pair.cut() and pair.heal() then cut and heal
+    the link between the nodes. Clients (Node.conninfo) and the witness connect directly."""
     if connect_timeout is None:
         connect_timeout = max(60.0, 3 * ktime_ms / 1000 + 20)
     witness = witness and extension
@@ -464,6 +715,13 @@ def make_pair(reg: Registry, label: str, ktime_ms: int, kcount: int, extension: 
     wn = (Node("witness", os.path.join(base, "witness"), ports[2], os.path.join(base, "witness.log"))
           if witness else None)
     pair = Pair(reg, base, n1, n2, ktime_ms, kcount, extension, wn)
+    if proxied:
+        pair.proxy1 = Proxy(p1, "proxy-node1")
+        pair.proxy2 = Proxy(p2, "proxy-node2")
+        reg.proxies += pair.proxies
+    # The ports the nodes use to reach each other.
+    r1 = pair.proxy1.port if proxied else p1
+    r2 = pair.proxy2.port if proxied else p2
     try:
         if wn is not None:
             # The same initdb'ed directory as the nodes (initdb as the postgres OS user, trust).
@@ -472,12 +730,12 @@ def make_pair(reg: Registry, label: str, ktime_ms: int, kcount: int, extension: 
             reg.nodes.append(wn)
             wn.start()
         subprocess.run(["cp", "-a", reg.template(), n1.dir], check=True, timeout=60)
-        common = common_conf(p1, p2, ktime_ms, kcount, extension, wn.port if wn is not None else None)
+        common = common_conf(r1, r2, ktime_ms, kcount, extension, wn.port if wn is not None else None)
         n1.append_conf(common + f"""
 # --- node-specific ---
 port = {p1}
 cluster_name = 'node1'
-primary_conninfo = 'host=127.0.0.1 port={p2} user=postgres application_name=node1'
+primary_conninfo = 'host=127.0.0.1 port={r2} user=postgres application_name=node1'
 """)
         reg.nodes.append(n1)
         n1.start()
@@ -486,7 +744,7 @@ primary_conninfo = 'host=127.0.0.1 port={p2} user=postgres application_name=node
         n2.append_conf(f"""
 port = {p2}
 cluster_name = 'node2'
-primary_conninfo = 'host=127.0.0.1 port={p1} user=postgres application_name=node2'
+primary_conninfo = 'host=127.0.0.1 port={r1} user=postgres application_name=node2'
 """)
         as_postgres(["touch", os.path.join(n2.dir, "standby.signal")])
         reg.nodes.append(n2)
@@ -509,6 +767,18 @@ primary_conninfo = 'host=127.0.0.1 port={p1} user=postgres application_name=node
                 for n in pair.nodes), 0.1)
             if not ok:
                 raise BenchError(f"{label}: the keepers' heartbeat connections did not appear")
+            # The standby counts itself synchronous (and so may promote) only once the primary's
+            # keeper says it trusts it (in its pg_stat_activity row, read by the heartbeat); the
+            # measurements then wait one more keepalive_time so that the standby has heard it.
+            trusted = ("SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_keeper'")
+            want = "pg_keeper: trusts as synchronous standby: node2"
+            if not wait_until(connect_timeout, lambda: [r[0] for r in n1.query(trusted)] == [want], 0.1):
+                try:
+                    seen = [r[0] for r in n1.query(trusted)]
+                except Exception as e:
+                    seen = f"unreadable ({type(e).__name__})"
+                raise BenchError(f"{label}: node1's keeper did not come to trust node2 as synchronous "
+                                 f"within {connect_timeout:.0f}s (its activity: {seen})")
         if wn is not None:
             # Until the lease names node2 as the synchronous standby, node2 would rightly refuse
             # to promote: no crash before that.

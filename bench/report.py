@@ -4,8 +4,8 @@ A record is one repetition of one experiment at one setting:
 {"experiment", "setting", "ktime_ms", "kcount", "budget_s", "rep", "status", "error", "metrics": {...}}
 
 A setting with a witness ("1s x 3 + witness") keeps keepalive_time x keepalive_count as its budget
-(chart, targets, budget_s); its lease time (keepalive_count + 2) x keepalive_time is shown next to
-it in summary.md.
+(chart, targets, budget_s); its lease time 3 x keepalive_time + 200 ms (whatever keepalive_count)
+is shown next to it in summary.md.
 """
 
 from __future__ import annotations
@@ -124,11 +124,64 @@ def witness_table(records, settings) -> str:
     return "\n".join(rows)
 
 
+def _lease_cell(s) -> str:
+    return f"{s.lease:g}" if s.witness else "-"
+
+
+def _count(records, experiment, setting, metric) -> str:
+    v = values(records, experiment, setting, metric)
+    return str(int(sum(v))) if v else "n/a"
+
+
+def frozen_table(records, settings) -> str:
+    E = "frozen_primary"
+    head = ("| setting | budget s | lease s | outage s | detection s | promotion s | reconnection s "
+            "| after the thaw: `superseded` line s | node1 gone s | lost commits | reps ok |")
+    rows = [head, "|" + "---|" * 11]
+    for s in settings:
+        if not any(r["experiment"] == E and r["setting"] == s.label for r in records):
+            continue
+        rows.append(
+            f"| {s.label} | {s.budget:g} | {_lease_cell(s)} | {cell(values(records, E, s.label, 'outage_s'))} "
+            f"| {cell(values(records, E, s.label, 'detection_s'))} "
+            f"| {cell(values(records, E, s.label, 'promotion_s'))} "
+            f"| {cell(values(records, E, s.label, 'reconnection_s'))} "
+            f"| {cell(values(records, E, s.label, 'fenced_line_s'))} "
+            f"| {cell(values(records, E, s.label, 'fenced_gone_s'))} "
+            f"| {_count(records, E, s.label, 'lost_commits')} "
+            f"| {count_reps(records, E, s.label)} |")
+    return "\n".join(rows)
+
+
+def cut_table(records, settings) -> str:
+    E = "cut_link"
+    head = ("| setting | budget s | lease s | stall s | detection s | node2 promoted (reps) "
+            "| both writable s | node1 acks after node2's promotion | lost commits "
+            "| heal: node1 `superseded` s | heal: node1 gone s | heal: sync restored s | reps ok |")
+    rows = [head, "|" + "---|" * 13]
+    for s in settings:
+        if not any(r["experiment"] == E and r["setting"] == s.label for r in records):
+            continue
+        promoted = values(records, E, s.label, "node2_promoted")
+        rows.append(
+            f"| {s.label} | {s.budget:g} | {_lease_cell(s)} | {cell(values(records, E, s.label, 'stall_s'))} "
+            f"| {cell(values(records, E, s.label, 'detection_s'))} "
+            f"| {f'{int(sum(promoted))} of {len(promoted)}' if promoted else 'n/a'} "
+            f"| {cell(values(records, E, s.label, 'both_writable_s'))} "
+            f"| {cell(values(records, E, s.label, 'node1_acks_after_promotion'), '{:.0f}')} "
+            f"| {_count(records, E, s.label, 'lost_commits')} "
+            f"| {cell(values(records, E, s.label, 'heal_fenced_line_s'))} "
+            f"| {cell(values(records, E, s.label, 'heal_node1_gone_s'))} "
+            f"| {cell(values(records, E, s.label, 'heal_sync_restored_s'))} "
+            f"| {count_reps(records, E, s.label)} |")
+    return "\n".join(rows)
+
+
 def overhead_table(records, settings) -> str:
     head = ("| setting | CPU s/h, primary keeper | CPU s/h, standby keeper | CPU s/h, both keepers (scheduler) "
             "| CPU s/h, heartbeat backends | RSS MB, primary keeper | RSS MB, standby keeper "
-            "| private (anon) RSS MB, max | windows ok |")
-    rows = [head, "|" + "---|" * 9]
+            "| private (anon) RSS MB, max | WAL kB/h, idle primary | WAL bytes per keepalive_time | windows ok |")
+    rows = [head, "|" + "---|" * 11]
     E = "overhead"
     for s in settings:
         both = [a + b for a, b in zip(values(records, E, s.label, "primary_keeper_sched_cpu_s_per_h"),
@@ -143,6 +196,8 @@ def overhead_table(records, settings) -> str:
             f"| {cell(values(records, E, s.label, 'primary_keeper_rss_mb'), '{:.1f}')} "
             f"| {cell(values(records, E, s.label, 'standby_keeper_rss_mb'), '{:.1f}')} "
             f"| {cell(anon, '{:.1f}')} "
+            f"| {cell([v / 1024 for v in values(records, E, s.label, 'primary_wal_bytes_per_h')], '{:.0f}')} "
+            f"| {cell(values(records, E, s.label, 'primary_wal_bytes_per_keepalive'), '{:.0f}')} "
             f"| {count_reps(records, E, s.label)} |")
     return "\n".join(rows)
 
@@ -167,6 +222,7 @@ def pgbench_table(records) -> str:
 
 def targets(records, settings) -> list[str]:
     out = []
+    ran = {r["experiment"] for r in records}
 
     def judge(name, value, limit, higher_is_better=False, unit="s"):
         if value is None:
@@ -179,7 +235,7 @@ def targets(records, settings) -> list[str]:
         margin = f"by {fmt.format(by)}{unit} {'to spare' if ok else 'too ' + ('low' if higher_is_better else 'high')}"
         out.append(f"- **{verdict}**: {name}: {fmt.format(value)}{unit} vs limit {fmt.format(limit)}{unit} ({margin})")
 
-    for s in settings:
+    for s in (settings if "primary_crash" in ran else []):
         st = stats(values(records, "primary_crash", s.label, "outage_s"))
         judge(f"primary crash outage median at {s.label} <= budget + {PRIMARY_SLACK_S}s",
               st[0] if st else None, s.budget + PRIMARY_SLACK_S)
@@ -196,14 +252,41 @@ def targets(records, settings) -> list[str]:
         total = int(sum(lost_all))
         out.append(f"- **{'met' if total == 0 else 'MISSED'}**: 0 acknowledged commits lost in primary crashes: "
                    f"{total} lost over {len(lost_all)} crashes")
-    else:
+    elif "primary_crash" in ran:
         out.append("- **not measured**: acknowledged commits lost in primary crashes")
+    frozen_lost = [v for s in settings for v in values(records, "frozen_primary", s.label, "lost_commits")]
+    if frozen_lost:
+        total = int(sum(frozen_lost))
+        out.append(f"- **{'met' if total == 0 else 'MISSED'}**: 0 acknowledged commits lost with a frozen primary: "
+                   f"{total} lost over {len(frozen_lost)} freezes")
     for s in settings:
+        n = len([r for r in records if r["experiment"] == "frozen_primary" and r["setting"] == s.label
+                 and r["status"] == "ok"])
+        if n:
+            fenced = values(records, "frozen_primary", s.label, "fenced_gone_s")
+            out.append(f"- **{'met' if len(fenced) == n else 'MISSED'}**: frozen primary at {s.label}: the thawed "
+                       f"old primary fenced itself and exited in {len(fenced)} of {n} repetitions")
+    for s in settings:
+        if not s.witness:
+            continue
+        promoted = values(records, "cut_link", s.label, "node2_promoted")
+        if promoted:
+            n = int(sum(promoted))
+            out.append(f"- **{'met' if n == 0 else 'MISSED'}**: cut link at {s.label}: the standby did not promote "
+                       f"while the primary held the lease: promoted in {n} of {len(promoted)} cuts")
+        lost = values(records, "cut_link", s.label, "lost_commits")
+        if lost:
+            out.append(f"- **{'met' if sum(lost) == 0 else 'MISSED'}**: cut link at {s.label}: 0 acknowledged "
+                       f"commits lost: {int(sum(lost))} lost over {len(lost)} cuts")
+        st = stats(values(records, "cut_link", s.label, "stall_s"))
+        judge(f"cut link at {s.label}: commit stall median <= budget + {STANDBY_SLACK_S}s",
+              st[0] if st else None, s.budget + STANDBY_SLACK_S)
+    for s in (settings if "standby_crash" in ran else []):
         st = stats(values(records, "standby_crash", s.label, "stall_s"))
         judge(f"standby crash stall median at {s.label} <= budget + {STANDBY_SLACK_S}s",
               st[0] if st else None, s.budget + STANDBY_SLACK_S)
     labels = sorted({r["setting"] for r in records if r["experiment"] == "pgbench"})
-    if not labels:
+    if not labels and "pgbench" in ran:
         out.append("- **not measured**: pgbench with the extension within 1% of without")
     for lab in labels:
         st = stats(values(records, "pgbench", lab, "ratio"))
@@ -211,8 +294,9 @@ def targets(records, settings) -> list[str]:
               st[0] if st else None, PGBENCH_MIN_RATIO, higher_is_better=True, unit="")
     rss = [v for s in settings for k in ("primary_keeper_rss_mb", "standby_keeper_rss_mb")
            for v in values(records, "overhead", s.label, k)]
-    judge(f"keeper RSS (VmRSS, largest seen) < {RSS_LIMIT_MB:g} MB", max(rss) if rss else None, RSS_LIMIT_MB,
-          unit=" MB")
+    if "overhead" in ran:
+        judge(f"keeper RSS (VmRSS, largest seen) < {RSS_LIMIT_MB:g} MB", max(rss) if rss else None,
+              RSS_LIMIT_MB, unit=" MB")
     return out
 
 
@@ -241,7 +325,7 @@ def chart(path: str, records, settings) -> None:
               ("standby_crash", "stall_s", "witness: standby crash, commit stall", "tab:red", "^", 1.10, True)]
     if leases:
         ax.plot([s.budget for s in settings if s.witness], leases, ls="none", marker="_", ms=22, mew=2,
-                color="dimgray", label="witness: lease time (count + 2) × keepalive_time")
+                color="dimgray", label="witness: lease time 3 × keepalive_time + 0.2 s")
     all_y = list(leases)
     for exp, metric, label, color, marker, shift, witness in series:
         px, py, lo, hi = [], [], [], []
@@ -332,9 +416,12 @@ def observations(records, settings) -> list[str]:
 # ---------------------------------------------------------------- summary
 
 def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
-    failover = failover_table(records, settings)
-    witness = witness_table(records, settings) if any_witness(settings) else ""
     ran = {r["experiment"] for r in records}
+    crashes = bool(ran & {"primary_crash", "standby_crash"})
+    failover = failover_table(records, settings) if crashes else ""
+    witness = witness_table(records, settings) if any_witness(settings) and crashes else ""
+    frozen = frozen_table(records, settings) if "frozen_primary" in ran else ""
+    cut = cut_table(records, settings) if "cut_link" in ran else ""
     overhead = overhead_table(records, settings) if "overhead" in ran else "Not run."
     pgb = pgbench_table(records) if "pgbench" in ran else "Not run."
     tg = targets(records, settings)
@@ -364,6 +451,9 @@ def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
         f"- Load average at start / end: {run_info['load_start']} / {run_info['load_end']} "
         "(the machine is shared; other work adds noise)",
         "",
+    ]
+    if failover:
+        lines += [
         "## Failover (seconds; median (min–max) over the repetitions that succeeded)",
         "",
         failover,
@@ -380,14 +470,15 @@ def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
         "- *lost commits*: acknowledged ids missing on the new primary, summed over all repetitions.",
         "- *stall*: longest gap between acknowledged commits on the primary after the standby's kill.",
         "",
-    ]
+        ]
     if witness:
         lines += [
             "## Witness (seconds after the kill; median (min–max))",
             "",
             "Settings marked `+ witness` run a third, plain PostgreSQL server named by both nodes' "
             "`pg_keeper.witness_conninfo`; it holds the lease row (`pg_keeper_lease`). The primary renews "
-            "the lease every `keepalive_time` for the *lease time* (keepalive_count + 2) × keepalive_time; "
+            "the lease every `keepalive_time` for the *lease time* 3 × keepalive_time + 200 ms (whatever "
+            "keepalive_count); "
             "the standby promotes only after the dead primary's lease has expired and it has taken it, so "
             "its *detection* above includes that wait. Every crash starts with the lease held by node1 "
             "with node2 as the synchronous standby. The *budget* stays keepalive_time × keepalive_count.",
@@ -404,6 +495,51 @@ def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
             "line, which precedes its switch to asynchronous replication.",
             "",
         ]
+    if frozen:
+        lines += [
+            "## Frozen primary (seconds; median (min–max))",
+            "",
+            "The primary's postmaster and all its children get SIGSTOP under the same multihost client "
+            "as the primary crash: the server hangs and closes no connection. The client gives up a "
+            "commit after 1 s (it shuts its socket down) and reconnects; its attempts at the frozen "
+            "node1 each wait for `connect_timeout=2` (psycopg's minimum), which is in *reconnection*. "
+            "Once node2 has acknowledged a commit (plus 0.5 s) node1 gets SIGCONT.",
+            "",
+            frozen,
+            "",
+            "- *outage*: last commit acknowledged by node1 → first by node2; *detection*: freeze → node2's "
+            "`lost; promoting` line (with a witness it includes the wait for node1's lease to expire); "
+            "*promotion*: that line → node2's end of recovery; *reconnection*: the rest.",
+            "- *`superseded` line*: thaw → node1's keeper's `superseded: ...; fencing this server` line; "
+            "*node1 gone*: thaw → every process of node1 has exited.",
+            "- *lost commits*: acknowledged ids missing on node2, summed over the repetitions (must be 0).",
+            "",
+        ]
+    if cut:
+        lines += [
+            "## Cut link between the nodes (seconds; median (min–max))",
+            "",
+            "Everything the nodes send each other (both keepers' heartbeats, node2's replication) goes "
+            "through two TCP proxies; the cut blackholes both (nothing forwarded or read, no socket "
+            "closed). Both nodes still reach the witness, and a client writes to node1 directly. The cut "
+            "is held until node1 has switched to asynchronous replication and node2 has promoted (no "
+            "witness) or refused to (witness), and a while longer (with a witness the lease time + 2 × "
+            "keepalive_time, at least 2 s; without, 2 × keepalive_time, at least 1 s); then it is healed.",
+            "",
+            cut,
+            "",
+            "- *stall*: longest gap between node1's acknowledged commits from the cut to the heal; "
+            "*detection*: cut → node1's `lost; switching to asynchronous replication` line.",
+            "- *node2 promoted*: repetitions in which node2 promoted during the cut (with a witness it must "
+            "not: node1 keeps renewing the lease). Without a witness it does by design: *both writable* is "
+            "node2's end of recovery → node1's `superseded` line after the heal; *node1 acks after node2's "
+            "promotion* counts commits node1 acknowledged meanwhile, and *lost commits* the acknowledged ids "
+            "missing on node2 (acknowledged by node1 while asynchronous; lost by design). With a witness "
+            "*lost commits* are acknowledged ids missing on node1 (must be 0).",
+            "- *heal*: without a witness, heal → node1's `superseded` line and → node1's processes gone; with "
+            "one, heal → node1's `restored synchronous replication` line.",
+            "",
+        ]
     lines += [
         "## Overhead of the keeper (idle connected pair, extrapolated to one hour)",
         "",
@@ -412,7 +548,10 @@ def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
         *(["CPU from /proc/PID/stat utime+stime (10 ms ticks) unless marked *scheduler* "
            "(/proc/PID/schedstat, ns). *Heartbeat backends*: the server backends that answer the peer "
            "keeper's heartbeat connection, both nodes together. RSS is VmRSS of the keeper process; it "
-           "includes the shared memory pages it has touched, *private* is RssAnon."
+           "includes the shared memory pages it has touched, *private* is RssAnon. *WAL*: "
+           "`pg_current_wal_lsn()` difference on the idle primary over the window (the keeper's pulse, a "
+           "logical message and a flush every keepalive_time while the standby streams, and what the server "
+           "logs itself, e.g. running-xacts records), per hour and per keepalive_time."
            + (" With a witness, the witness server's own CPU is not counted." if any_witness(settings) else ""),
            ""] if "overhead" in ran else []),
         "## pgbench (`pgbench -c 4 -j 2 -N`, primary of a synchronous pair, with vs without the extension)",
@@ -438,4 +577,5 @@ def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
     text = "\n".join(lines)
     with open(path, "w") as f:
         f.write(text)
-    return "\n\n".join([t for t in (failover, witness, overhead, pgb, "\n".join(tg)) if t])
+    return "\n\n".join([t for t in (failover, witness, frozen, cut, overhead, pgb, "\n".join(tg))
+                        if t and t != "Not run."])
