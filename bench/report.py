@@ -266,7 +266,7 @@ def targets(records, settings) -> list[str]:
             fenced = values(records, "frozen_primary", s.label, "fenced_gone_s")
             out.append(f"- **{'met' if len(fenced) == n else 'MISSED'}**: frozen primary at {s.label}: the thawed "
                        f"old primary fenced itself and exited in {len(fenced)} of {n} repetitions")
-    for s in settings:
+    for s in (settings if "cut_link" in ran else []):
         if not s.witness:
             continue
         promoted = values(records, "cut_link", s.label, "node2_promoted")
