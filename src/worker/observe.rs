@@ -1,0 +1,255 @@
+//! What one tick observes, turned into the core's [`Observation`]: the primary's replication
+//! view, the heartbeat's facts, this standby's WAL receiver and the name it streams under.
+
+use keeper_core::{Input, Level, Observation};
+
+use super::Worker;
+use crate::actuators;
+use crate::conninfo::Conninfo;
+use crate::db;
+use crate::heartbeat::Beat;
+use crate::identity;
+use crate::settings::Settings;
+use crate::status;
+
+/// What the replication view says, for the core.
+#[derive(Default)]
+struct ReplicationSummary {
+    /// A standby is streaming (a synchronous one when synchronous_standby_names is set).
+    streaming: bool,
+    /// A streaming standby is within pg_keeper.sync_restore_lag.
+    caught_up: bool,
+    /// Commits wait for the synchronous standby now (read first).
+    sync_in_force: bool,
+    /// The WAL insert position (read after `sync_in_force`, before the view).
+    insert_lsn: u64,
+    /// The peer standby's row, if it streams.
+    peer: Option<keeper_core::StandbySeen>,
+    /// The peer standby replied on its stream within the failure window.
+    peer_replies_recent: bool,
+}
+
+/// Answers in a row that must miss this streaming standby before that is warned about.
+const UNLISTED_BEFORE_WARNING: u32 = 3;
+
+impl Worker {
+    /// Everything this tick observes, in order, as the core's input: the replication view
+    /// (primary), the heartbeat, the WAL receiver (standby), the trust in the standby and the
+    /// lease. None when the heartbeat was interrupted by a shutdown.
+    pub(super) fn observe(&mut self, tick_started_ms: u64, in_recovery: bool) -> Option<Input> {
+        let mode = self.keeper.mode();
+        let sync_configured = !db::setting(c"synchronous_standby_names").trim().is_empty();
+        let view = if mode.is_master() && !in_recovery {
+            self.read_replication_view(sync_configured)
+        } else {
+            ReplicationSummary::default()
+        };
+        if view.streaming {
+            if let Err(why) = db::pulse() {
+                self.note_once(
+                    Level::Warning,
+                    format!("could not write the keeper's WAL pulse: {why}"),
+                    Some("Without it, an idle pair's replication evidence can look stale."),
+                );
+            }
+        }
+        let asker = if in_recovery {
+            own_application_name()
+        } else {
+            String::new()
+        };
+        let beat = if mode.heartbeats() {
+            let deadline = self.call_deadline();
+            let peer = self.peer.as_mut()?;
+            peer.set_asker(&asker);
+            let mut beat = peer.beat(deadline);
+            if beat == Beat::Interrupted {
+                return None;
+            }
+            if matches!(&beat, Beat::Answered(f) if identity::is_me(f)) {
+                // The peer's conninfo now reaches this very server (a moved address, say): that
+                // is no answer from the peer.
+                beat =
+                    Beat::NoAnswer("the heartbeat reached this server itself, not the peer".into());
+            }
+            self.publish_beat(&beat);
+            Some(beat)
+        } else {
+            None
+        };
+        let facts = match &beat {
+            Some(Beat::Answered(f)) => Some(f),
+            _ => None,
+        };
+        let my_timeline = actuators::timeline();
+        let wal_receiver_recent = in_recovery && self.wal_receiver_recent();
+        let unlisted = facts.is_some_and(|f| {
+            in_recovery && !f.in_recovery && wal_receiver_recent && f.sync_state_of_asker.is_none()
+        });
+        // A link reset ends the primary's WAL sender before this standby's receiver notices:
+        // only an absence that lasts a few answers is a configuration problem.
+        self.unlisted_answers = if unlisted {
+            self.unlisted_answers + 1
+        } else {
+            0
+        };
+        if self.unlisted_answers >= UNLISTED_BEFORE_WARNING {
+            self.note_once(
+                Level::Warning,
+                format!(
+                    "the primary does not show this standby (application_name '{asker}') in pg_stat_replication to the heartbeat's user, so this standby cannot know it is synchronous and will not promote"
+                ),
+                Some("Use a superuser or a member of pg_monitor in the node conninfos, and set application_name in primary_conninfo."),
+            );
+        }
+        let sync_standby_now =
+            self.keeper
+                .lease_names_standby(view.sync_in_force, view.insert_lsn, view.peer);
+        self.publish_trust(self.keeper.trusts_standby());
+        let lease = self.observe_lease(mode, in_recovery, my_timeline, sync_standby_now);
+        let obs = Observation {
+            now_ms: self.started.elapsed().as_millis() as u64,
+            tick_started_ms,
+            in_recovery,
+            sync_configured,
+            standby_streaming: view.streaming,
+            heartbeat: beat.as_ref().and_then(Beat::for_core),
+            restore_wanted: self.settings.sync_restore && Settings::saved_sync_names().is_some(),
+            standby_replies_recent: view.peer_replies_recent,
+            standby_caught_up: view.caught_up,
+            wal_receiver_recent,
+            lease,
+            ..Observation::default()
+        };
+        let answer = facts.map(|f| keeper_core::PeerAnswer {
+            in_recovery: f.in_recovery,
+            timeline: f.timeline,
+            sync_state_of_asker: f.sync_state_of_asker.clone(),
+            uses_witness: f.uses_witness,
+            trusted_standby: f.trusted_standby.clone(),
+        });
+        let me = self.names().map_or("", |(me, _)| me);
+        Some(Input::Tick(obs.with_answer(
+            answer.as_ref(),
+            my_timeline,
+            me,
+        )))
+    }
+
+    /// Whether this standby's WAL receiver heard from the primary within the failure window.
+    fn wal_receiver_recent(&mut self) -> bool {
+        match db::wal_receiver_recent(self.failure_window_ms()) {
+            Ok(recent) => recent,
+            Err(why) => {
+                self.note_once(
+                    Level::Warning,
+                    format!("could not read pg_stat_wal_receiver: {why}"),
+                    None,
+                );
+                false
+            }
+        }
+    }
+
+    /// Reads `pg_stat_replication` and says what matters to the core; unusual set-ups (a second
+    /// standby, a standby that synchronous_standby_names does not name) are warned about once
+    /// per change.
+    fn read_replication_view(&mut self, sync_configured: bool) -> ReplicationSummary {
+        // The order matters (see keeper_core::SyncTrust): in force, then insert position, then
+        // the standbys' flush positions.
+        let sync_in_force = db::sync_in_force(sync_configured);
+        let insert_lsn = db::insert_lsn();
+        let standbys = match db::streaming_standbys() {
+            Ok(s) => s,
+            Err(why) => {
+                self.note_once(
+                    Level::Warning,
+                    format!("could not read pg_stat_replication: {why}"),
+                    None,
+                );
+                return ReplicationSummary::default();
+            }
+        };
+        let names = || {
+            standbys
+                .iter()
+                .map(|s| format!("'{}' ({})", s.application_name, s.sync_state))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let synchronous = standbys.iter().any(|s| s.is_synchronous());
+        if standbys.len() > 1 {
+            let peer = self
+                .identity
+                .as_ref()
+                .map(|i| i.peer_display())
+                .unwrap_or_default();
+            self.note_once(
+                Level::Warning,
+                format!(
+                    "{} standbys are streaming: {}; pg_keeper protects one pair and heartbeats {peer} only",
+                    standbys.len(),
+                    names()
+                ),
+                Some("Losing the peer switches replication to asynchronous even if another standby streams."),
+            );
+        } else if sync_configured && !standbys.is_empty() && !synchronous {
+            self.note_once(
+                Level::Warning,
+                format!(
+                    "standby {} is streaming but is not synchronous; synchronous_standby_names is '{}'",
+                    names(),
+                    db::setting(c"synchronous_standby_names")
+                ),
+                Some("Set application_name in the standby's primary_conninfo to a name listed in synchronous_standby_names."),
+            );
+        } else if self.last_note.take().is_some() {
+            status::publish(|s| s.problem.set(""));
+        }
+        let peer_name = self.identity.as_ref().map(|i| i.peer_name);
+        // The peer streams under its node name (README: application_name in primary_conninfo);
+        // a single standby under another name is taken for it.
+        let peer_row = standbys
+            .iter()
+            .find(|s| Some(s.application_name.as_str()) == peer_name)
+            .or(if standbys.len() == 1 {
+                standbys.first()
+            } else {
+                None
+            });
+        let window = self.failure_window_ms();
+        ReplicationSummary {
+            peer_replies_recent: peer_row
+                .and_then(|s| s.reply_age_ms)
+                .is_some_and(|age| age <= window),
+            sync_in_force,
+            insert_lsn,
+            peer: peer_row.and_then(|s| {
+                s.flush_lsn.map(|flush_lsn| keeper_core::StandbySeen {
+                    synchronous: sync_configured && s.is_synchronous(),
+                    flush_lsn,
+                })
+            }),
+            streaming: standbys
+                .iter()
+                .any(|s| !sync_configured || s.is_synchronous()),
+            caught_up: standbys.iter().any(|s| {
+                s.lag_bytes
+                    .is_some_and(|lag| lag <= self.settings.sync_restore_lag_bytes)
+            }),
+        }
+    }
+}
+
+/// The application_name under which this server streams as a standby (from primary_conninfo,
+/// else cluster_name, as the WAL receiver does), to find itself in the primary's
+/// pg_stat_replication.
+fn own_application_name() -> String {
+    let from_conninfo = Conninfo::parse(&db::setting(c"primary_conninfo"))
+        .ok()
+        .and_then(|c| c.get("application_name").map(str::to_string))
+        .filter(|n| !n.is_empty());
+    from_conninfo
+        .or_else(|| Some(db::setting(c"cluster_name")).filter(|n| !n.is_empty()))
+        .unwrap_or_else(|| "walreceiver".to_string())
+}
