@@ -22,6 +22,8 @@ mod lease;
 mod observe;
 mod report;
 
+use report::Problems;
+
 /// A promotion request is made again after this while the server is still in recovery: the
 /// startup process may be sleeping out wal_retrieve_retry_interval when the first one arrives.
 const PROMOTE_AGAIN_AFTER: Duration = Duration::from_millis(100);
@@ -71,6 +73,8 @@ struct Worker {
     last_event: Option<keeper_core::Event>,
     /// The last note about the replication view, so it is logged once per change.
     last_note: Option<String>,
+    /// The problem each source has in force, for the status (see [`Problems`]).
+    problems: Problems,
     /// The hint that goes with the current identity problem.
     identity_hint: Option<String>,
     /// What this worker last reported as its activity (see [`Worker::publish_trust`]).
@@ -95,6 +99,7 @@ impl Worker {
             witness_warned_at: None,
             last_event: None,
             last_note: None,
+            problems: Problems::default(),
             identity_hint: None,
             activity: String::new(),
         }
@@ -340,11 +345,11 @@ impl Worker {
                         .as_ref()
                         .and_then(|c| c.port().parse().ok())
                         .unwrap_or(0);
-                    s.problem.set("");
                 });
                 self.identity = Some(id);
                 self.peer = Some(peer);
                 self.identity_hint = None;
+                self.problems = Problems::default();
                 match status::memory().filter(|m| m.mode != Mode::Unidentified) {
                     // A restarted worker (not server) goes on where the last one stopped.
                     Some(m) => {
@@ -359,6 +364,7 @@ impl Worker {
                             ),
                             None,
                         );
+                        self.publish_problem();
                         self.set_title();
                         self.perform();
                     }
@@ -370,8 +376,7 @@ impl Worker {
                 }
             }
             identity::Outcome::Problem { message, hint } => {
-                let shown = self.scrub(&message);
-                status::publish(|s| s.problem.set(&shown));
+                self.problems.identity = Some(self.scrub(&message));
                 self.identity_hint = Some(hint);
                 let d = self.step(&Input::IdentityProblem(message));
                 self.report(&d);

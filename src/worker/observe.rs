@@ -10,7 +10,6 @@ use crate::db;
 use crate::heartbeat::Beat;
 use crate::identity;
 use crate::settings::Settings;
-use crate::status;
 
 /// What the replication view says, for the core.
 #[derive(Default)]
@@ -37,6 +36,7 @@ impl Worker {
     /// (primary), the heartbeat, the WAL receiver (standby), the trust in the standby and the
     /// lease. None when the heartbeat was interrupted by a shutdown.
     pub(super) fn observe(&mut self, tick_started_ms: u64, in_recovery: bool) -> Option<Input> {
+        self.problems.replication = None;
         let mode = self.keeper.mode();
         let sync_configured = !db::setting(c"synchronous_standby_names").trim().is_empty();
         let view = if mode.is_master() && !in_recovery {
@@ -203,8 +203,8 @@ impl Worker {
                 ),
                 Some("Set application_name in the standby's primary_conninfo to a name listed in synchronous_standby_names."),
             );
-        } else if self.last_note.take().is_some() {
-            status::publish(|s| s.problem.set(""));
+        } else {
+            self.last_note = None;
         }
         let peer_name = self.identity.as_ref().map(|i| i.peer_name);
         // The peer streams under its node name (README: application_name in primary_conninfo);

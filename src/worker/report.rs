@@ -21,6 +21,44 @@ fn level_to_pg(level: Level) -> PgLogLevel {
     }
 }
 
+/// The problem each source has in force, for the status `problem`. The sources set and clear
+/// their own slot; [`Worker::publish_problem`] alone writes the status, once per decision, the
+/// first slot set in this order:
+///
+/// 1. `identity`: which node this server is cannot be told (nothing else runs until it can);
+/// 2. `promotion_held`: why this standby does not promote though the primary is lost;
+/// 3. `replication`: a replication set-up problem seen this tick;
+/// 4. `refused`: the peer is alive but refused the heartbeat.
+#[derive(Default)]
+pub(super) struct Problems {
+    /// Set while identification fails; cleared (with every other slot) once it succeeds.
+    pub(super) identity: Option<String>,
+    /// The decision that held a promotion; cleared when the primary answers again or the
+    /// keeper is no longer a standby.
+    pub(super) promotion_held: Option<String>,
+    /// The last note raised this tick (see [`Worker::note_once`]): the primary's
+    /// pg_stat_replication, its WAL pulse, this standby's WAL receiver, or this standby missing
+    /// from the primary's view. Emptied at the start of every observation.
+    pub(super) replication: Option<String>,
+    /// The last heartbeat's refusal; cleared by the next answer.
+    pub(super) refused: Option<String>,
+}
+
+impl Problems {
+    /// The one problem shown (empty: none).
+    fn shown(&self) -> &str {
+        [
+            &self.identity,
+            &self.promotion_held,
+            &self.replication,
+            &self.refused,
+        ]
+        .into_iter()
+        .find_map(|p| p.as_deref())
+        .unwrap_or("")
+    }
+}
+
 impl Worker {
     /// Removes any password of the node conninfos from a text.
     pub(super) fn scrub(&self, text: &str) -> String {
@@ -83,18 +121,24 @@ impl Worker {
     }
 
     /// Logs a condition that can repeat every tick once, until it changes.
+    /// It is the replication problem in force this tick either way.
     pub(super) fn note_once(&mut self, level: Level, message: String, hint: Option<&str>) {
+        self.problems.replication = Some(self.scrub(&message));
         if self.last_note.as_ref() != Some(&message) {
             self.event("replication_problem", level, &message, hint);
-            let shown = self.scrub(&message);
-            status::publish(|s| s.problem.set(&shown));
             self.last_note = Some(message);
         }
     }
 
+    /// Shows the problem in force (see [`Problems`]) in the status.
+    pub(super) fn publish_problem(&self) {
+        let shown = self.problems.shown();
+        status::publish(|s| s.problem.set(shown));
+    }
+
     /// Tells a decision: its log line (and history entry), then the state it left in the title
     /// and the status.
-    pub(super) fn report(&self, d: &Decision) {
+    pub(super) fn report(&mut self, d: &Decision) {
         let hint = if d.event == keeper_core::Event::IdentityProblem {
             self.identity_hint.as_deref()
         } else {
@@ -102,12 +146,12 @@ impl Worker {
         };
         // A held promotion is shown in the status until the primary answers again.
         match d.history_name() {
-            "promotion_held" => {
-                let why = self.scrub(&d.sentence);
-                status::publish(|s| s.problem.set(&why));
-            }
+            "promotion_held" => self.problems.promotion_held = Some(self.scrub(&d.sentence)),
             "heartbeat_ok" | "primary_seen" if d.from != Mode::MasterConnected => {
-                status::publish(|s| s.problem.set(""))
+                self.problems.promotion_held = None
+            }
+            _ if !matches!(d.to, Mode::StandbyWaiting | Mode::StandbyConnected) => {
+                self.problems.promotion_held = None
             }
             _ => {}
         }
@@ -116,20 +160,21 @@ impl Worker {
         } else {
             self.event(d.history_name(), d.level, &d.sentence, hint);
         }
+        self.publish_problem();
         self.set_title();
     }
 
     /// Keeps the last answer and the last failure (with its reason) for the status.
-    pub(super) fn publish_beat(&self, beat: &Beat) {
+    pub(super) fn publish_beat(&mut self, beat: &Beat) {
         let now = status::now();
         match beat {
-            Beat::Answered(_) => status::publish(|s| s.last_answer = now),
+            Beat::Answered(_) => {
+                self.problems.refused = None;
+                status::publish(|s| s.last_answer = now)
+            }
             Beat::Refused(why) => {
-                let why = self.scrub(&format!("answered but refused: {why}"));
-                status::publish(|s| {
-                    s.last_answer = now;
-                    s.problem.set(&why);
-                })
+                self.problems.refused = Some(self.scrub(&format!("answered but refused: {why}")));
+                status::publish(|s| s.last_answer = now)
             }
             Beat::NoAnswer(why) => {
                 let why = self.scrub(why);
