@@ -848,125 +848,168 @@ impl Keeper {
         }
     }
 
+    /// Derives the event of a tick: each role has its own chain of guards, in which the first
+    /// that holds wins (the order is the priority).
     fn event_for_tick(&self, obs: &Observation, s: &Settings) -> (Event, String) {
-        let count = s.keepalive_count.max(1);
         match self.mode {
-            Unidentified => (E::Idle, String::new()),
-            MasterWaiting | MasterConnected | MasterAsync | Isolated
-                if obs.peer_newer_primary && obs.heartbeat == Some(Heartbeat::Answered) =>
-            {
-                (E::Superseded, String::new())
+            Unidentified | Fenced => (E::Idle, String::new()),
+            MasterWaiting | MasterConnected | MasterAsync | Isolated => {
+                self.event_as_primary(obs, s)
             }
-            MasterWaiting | MasterConnected | MasterAsync | Isolated
-                if matches!(obs.lease, Lease::Peer { newer: true, .. }) =>
-            {
-                (E::SupersededByLease, String::new())
-            }
-            Isolated if contact(obs) => (E::ContactRegained, regained(obs, s)),
-            Isolated => (E::StillIsolated, String::new()),
-            MasterWaiting | MasterConnected | MasterAsync if self.isolated(obs, s) => {
-                let since = match self.last_contact_ms {
-                    Some(t) => format!(
-                        "no answer for {} ms; the lease lasts {} ms",
-                        obs.now_ms.saturating_sub(t),
-                        lease_time_ms(s.keepalive_time_ms)
-                    ),
-                    None => "no answer since the keeper started".to_string(),
-                };
-                (E::Isolated, since)
-            }
-            MasterWaiting | MasterAsync if obs.standby_streaming => {
+            StandbyWaiting | StandbyConnected => self.event_as_standby(obs, s),
+            Promoting => self.event_while_promoting(obs, s),
+        }
+    }
+
+    /// (MasterWaiting, MasterConnected, MasterAsync, Isolated.) In this order:
+    /// 1. superseded: the peer answered as a primary on a newer timeline;
+    /// 2. superseded by the lease: it names the peer on a timeline not older than this one;
+    /// 3. (isolated) contact regained with the witness or the standby, else still isolated;
+    /// 4. isolated now: neither the standby nor the witness since the serving deadline;
+    /// 5. (waiting, async) a standby streams, else nothing;
+    /// 6. (connected) the heartbeat: ok, caught up, refused, or a failure (a standby that answers
+    ///    or refuses but does not stream counts as one), and at `keepalive_count` failures: held
+    ///    while the standby's replication still replies, else lost (held without the lease when
+    ///    synchronous, see [`Event::PeerLostNoLease`]).
+    fn event_as_primary(&self, obs: &Observation, s: &Settings) -> (Event, String) {
+        if obs.peer_newer_primary && obs.heartbeat == Some(Heartbeat::Answered) {
+            return (E::Superseded, String::new());
+        }
+        if matches!(obs.lease, Lease::Peer { newer: true, .. }) {
+            return (E::SupersededByLease, String::new());
+        }
+        if self.mode == Isolated {
+            return if contact(obs) {
+                (E::ContactRegained, regained(obs, s))
+            } else {
+                (E::StillIsolated, String::new())
+            };
+        }
+        if self.isolated(obs, s) {
+            let since = match self.last_contact_ms {
+                Some(t) => format!(
+                    "no answer for {} ms; the lease lasts {} ms",
+                    obs.now_ms.saturating_sub(t),
+                    lease_time_ms(s.keepalive_time_ms)
+                ),
+                None => "no answer since the keeper started".to_string(),
+            };
+            return (E::Isolated, since);
+        }
+        if self.mode != MasterConnected {
+            return if obs.standby_streaming {
                 (E::StandbyStreaming, String::new())
+            } else {
+                (E::Idle, String::new())
+            };
+        }
+        // A standby that answers but whose replication does not stream cannot confirm
+        // commits: for the primary that is a failure too (a flapping link, say).
+        let not_streaming = !obs.standby_streaming;
+        let failure = match &obs.heartbeat {
+            None => return (E::Idle, String::new()),
+            Some(Heartbeat::NoAnswer(why)) => why.clone(),
+            Some(Heartbeat::Answered) if not_streaming => {
+                "the standby answers but its replication is not streaming".to_string()
             }
-            MasterWaiting | MasterAsync | Fenced => (E::Idle, String::new()),
-            StandbyWaiting | StandbyConnected if !obs.in_recovery => {
-                (E::RecoveryEnded, String::new())
+            Some(Heartbeat::Answered)
+                if obs.restore_wanted && obs.standby_caught_up && !obs.sync_configured =>
+            {
+                return (E::StandbyCaughtUp, String::new());
             }
-            StandbyWaiting | StandbyConnected if obs.lease == Lease::Taken => {
-                (E::PromotionUnfinished, String::new())
+            Some(Heartbeat::Answered) => return (E::HeartbeatOk, String::new()),
+            // Alive, but a standby that refuses (starting up, replaying) and does not
+            // stream confirms no commit either: counted, or commits hang all along.
+            Some(Heartbeat::Refused(why)) if not_streaming => format!(
+                "the standby refuses connections and its replication is not streaming: {why}"
+            ),
+            Some(Heartbeat::Refused(why)) => return (E::HeartbeatRefused, why.clone()),
+        };
+        let (at_the_limit, detail) = self.count_failure(&failure, s);
+        if !at_the_limit {
+            return (E::HeartbeatFailed, detail);
+        }
+        if obs.standby_replies_recent {
+            // Only the heartbeat path is broken: the standby still confirms WAL, so
+            // commits are acknowledged and nothing needs switching.
+            (E::PeerLostButStreaming, detail)
+        } else if obs.sync_configured {
+            match &obs.lease {
+                Lease::NotConfigured | Lease::Held => (E::PeerLostSync, detail),
+                other => (
+                    E::PeerLostNoLease,
+                    format!("{}; {detail}", lease_problem(other)),
+                ),
             }
-            MasterConnected | StandbyWaiting | StandbyConnected => {
-                // A standby that answers but whose replication does not stream cannot confirm
-                // commits: for the primary that is a failure too (a flapping link, say).
-                let not_streaming = self.mode == MasterConnected && !obs.standby_streaming;
-                let failure = match &obs.heartbeat {
-                    None => return (E::Idle, String::new()),
-                    Some(Heartbeat::NoAnswer(why)) => why.clone(),
-                    Some(Heartbeat::Answered) if not_streaming => {
-                        "the standby answers but its replication is not streaming".to_string()
-                    }
-                    Some(Heartbeat::Answered)
-                        if self.mode == MasterConnected
-                            && obs.restore_wanted
-                            && obs.standby_caught_up
-                            && !obs.sync_configured =>
-                    {
-                        return (E::StandbyCaughtUp, String::new());
-                    }
-                    Some(Heartbeat::Answered) => return (E::HeartbeatOk, String::new()),
-                    // Alive, but a standby that refuses (starting up, replaying) and does not
-                    // stream confirms no commit either: counted, or commits hang all along.
-                    Some(Heartbeat::Refused(why)) if not_streaming => format!(
-                        "the standby refuses connections and its replication is not streaming: {why}"
-                    ),
-                    Some(Heartbeat::Refused(why)) => return (E::HeartbeatRefused, why.clone()),
-                };
-                if self.mode == StandbyWaiting {
-                    return (E::PeerNotYetSeen, failure);
-                }
-                let n = self.failures + 1;
-                let detail = format!("{} ({} of {})", failure, n, count);
-                if n < count {
-                    (E::HeartbeatFailed, detail)
-                } else if self.mode == StandbyConnected && obs.wal_receiver_recent {
-                    (E::PeerLostButStreaming, detail)
-                } else if self.mode == MasterConnected && obs.standby_replies_recent {
-                    // Only the heartbeat path is broken: the standby still confirms WAL, so
-                    // commits are acknowledged and nothing needs switching.
-                    (E::PeerLostButStreaming, detail)
-                } else if self.mode == StandbyConnected
-                    && !self.was_synchronous
-                    && !s.allow_data_loss_failover
-                {
-                    (E::PeerLostNotSynchronous, detail)
-                } else if self.mode == StandbyConnected
-                    && self.peer_used_witness
-                    && obs.lease == Lease::NotConfigured
-                {
-                    // Without the lease this standby could promote while a primary cut off from
-                    // it goes on asynchronously under its own lease.
-                    (E::PeerLostWitnessMismatch, detail)
-                } else if self.mode == StandbyConnected {
-                    match lease_withheld(&obs.lease) {
-                        Some(why) => (E::PeerLostLeaseWithheld, format!("{why}; {detail}")),
-                        None => (E::PeerLost, detail),
-                    }
-                } else if obs.sync_configured {
-                    match &obs.lease {
-                        Lease::NotConfigured | Lease::Held => (E::PeerLostSync, detail),
-                        other => (
-                            E::PeerLostNoLease,
-                            format!("{}; {detail}", lease_problem(other)),
-                        ),
-                    }
-                } else {
-                    (E::PeerLostAsync, detail)
-                }
-            }
-            Promoting => {
-                if !obs.in_recovery {
-                    (E::RecoveryEnded, String::new())
-                } else {
-                    match self.promote_requested_at {
-                        Some(at) if obs.now_ms.saturating_sub(at) >= s.promote_timeout_ms => (
-                            E::PromotionSlow,
-                            format!("waited {} ms", obs.now_ms.saturating_sub(at)),
-                        ),
-                        _ => (E::Idle, String::new()),
-                    }
-                }
+        } else {
+            (E::PeerLostAsync, detail)
+        }
+    }
+
+    /// (StandbyWaiting, StandbyConnected.) In this order:
+    /// 1. recovery ended: the server was promoted outside the keeper;
+    /// 2. this standby took the lease to promote before a restart;
+    /// 3. the heartbeat: ok or refused (alive), else a failure; while waiting, a failure only
+    ///    says the primary was not seen yet; at `keepalive_count` failures the promotion is held,
+    ///    first match wins: the WAL receiver still receives, this standby was not synchronous
+    ///    (unless data loss is allowed), the primary uses a witness this standby does not, the
+    ///    lease cannot be taken; else the primary is lost.
+    fn event_as_standby(&self, obs: &Observation, s: &Settings) -> (Event, String) {
+        if !obs.in_recovery {
+            return (E::RecoveryEnded, String::new());
+        }
+        if obs.lease == Lease::Taken {
+            return (E::PromotionUnfinished, String::new());
+        }
+        let failure = match &obs.heartbeat {
+            None => return (E::Idle, String::new()),
+            Some(Heartbeat::NoAnswer(why)) => why.clone(),
+            Some(Heartbeat::Answered) => return (E::HeartbeatOk, String::new()),
+            Some(Heartbeat::Refused(why)) => return (E::HeartbeatRefused, why.clone()),
+        };
+        if self.mode == StandbyWaiting {
+            return (E::PeerNotYetSeen, failure);
+        }
+        let (at_the_limit, detail) = self.count_failure(&failure, s);
+        if !at_the_limit {
+            return (E::HeartbeatFailed, detail);
+        }
+        if obs.wal_receiver_recent {
+            (E::PeerLostButStreaming, detail)
+        } else if !self.was_synchronous && !s.allow_data_loss_failover {
+            (E::PeerLostNotSynchronous, detail)
+        } else if self.peer_used_witness && obs.lease == Lease::NotConfigured {
+            // Without the lease this standby could promote while a primary cut off from
+            // it goes on asynchronously under its own lease.
+            (E::PeerLostWitnessMismatch, detail)
+        } else {
+            match lease_withheld(&obs.lease) {
+                Some(why) => (E::PeerLostLeaseWithheld, format!("{why}; {detail}")),
+                None => (E::PeerLost, detail),
             }
         }
+    }
+
+    /// (Promoting.) In this order: recovery ended (promoted); the request is older than
+    /// `promote_timeout_ms` (ask again); else nothing.
+    fn event_while_promoting(&self, obs: &Observation, s: &Settings) -> (Event, String) {
+        if !obs.in_recovery {
+            return (E::RecoveryEnded, String::new());
+        }
+        match self.promote_requested_at {
+            Some(at) if obs.now_ms.saturating_sub(at) >= s.promote_timeout_ms => (
+                E::PromotionSlow,
+                format!("waited {} ms", obs.now_ms.saturating_sub(at)),
+            ),
+            _ => (E::Idle, String::new()),
+        }
+    }
+
+    /// This failed heartbeat with its running count (`reason (n of count)`), and whether it
+    /// reaches `keepalive_count`.
+    fn count_failure(&self, failure: &str, s: &Settings) -> (bool, String) {
+        let (n, count) = (self.failures + 1, s.keepalive_count.max(1));
+        (n >= count, format!("{failure} ({n} of {count})"))
     }
 
     /// Decides what to do about one input, and moves to the next mode.
