@@ -641,6 +641,9 @@ pub struct Keeper {
     lease_may_name_standby: bool,
     /// (Primary.) Whether this tick's renewal names the standby ([`Keeper::lease_names_standby`]).
     naming_standby: bool,
+    /// (Standby.) Answers of the primary in a row that did not list this streaming standby
+    /// (see [`Keeper::unlisted_standby`]).
+    unlisted_answers: u32,
 }
 
 /// What a restarted worker needs to go on where the last one stopped: the worker keeps it in
@@ -656,6 +659,10 @@ pub struct Memory {
     pub pending: [Option<Action>; MAX_ACTIONS],
     pub lease_may_name_standby: bool,
 }
+
+/// Answers in a row that must miss a streaming standby before that is warned about (see
+/// [`Keeper::unlisted_standby`]).
+pub const UNLISTED_BEFORE_WARNING: u32 = 3;
 
 /// The most actions a decision has.
 pub const MAX_ACTIONS: usize = 4;
@@ -681,6 +688,7 @@ impl Keeper {
             last_contact_ms: None,
             lease_may_name_standby: true,
             naming_standby: false,
+            unlisted_answers: 0,
         }
     }
 
@@ -725,6 +733,28 @@ impl Keeper {
         self.naming_standby = self.mode == MasterConnected && confirmed;
         self.lease_may_name_standby |= self.naming_standby;
         self.naming_standby
+    }
+
+    /// (Standby.) Follows, once per tick, whether the primary's answer lists this standby in
+    /// its `pg_stat_replication` while this standby's WAL receiver streams from it, and says
+    /// whether that absence is to be warned about: the primary hides the view from the
+    /// heartbeat's user, or this standby streams under another name, so it can never know it is
+    /// synchronous and will not promote. A link reset ends the primary's WAL sender before this
+    /// standby's receiver notices: only an absence that lasts [`UNLISTED_BEFORE_WARNING`]
+    /// answers in a row is a configuration problem.
+    pub fn unlisted_standby(
+        &mut self,
+        answered_by_primary: bool,
+        listed: bool,
+        wal_receiver_recent: bool,
+    ) -> bool {
+        let unlisted = answered_by_primary && !listed && wal_receiver_recent;
+        self.unlisted_answers = if unlisted {
+            self.unlisted_answers.saturating_add(1)
+        } else {
+            0
+        };
+        self.unlisted_answers >= UNLISTED_BEFORE_WARNING
     }
 
     /// (Primary.) By when, on the monotonic clock of [`Observation::now_ms`], this primary must

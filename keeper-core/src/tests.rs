@@ -474,6 +474,7 @@ fn every_row_is_reachable_from_some_input() {
                         last_contact_ms,
                         lease_may_name_standby: true,
                         naming_standby: false,
+                        unlisted_answers: 0,
                     };
                     let d = k.step(input, &s);
                     fired.insert((d.from, d.event));
@@ -1544,4 +1545,27 @@ fn a_standby_listed_sync_counts_as_synchronous_only_if_the_primary_trusts_it() {
         trusted = k.lease_names_standby(true, 10, Some(standby_at(10)));
     }
     assert!(trusted && k.trusts_standby());
+}
+
+#[test]
+fn a_standby_the_primary_does_not_list_is_warned_about_after_three_answers_in_a_row() {
+    let mut k = Keeper::new();
+    // Answered, not listed, streaming: the first two may be a link reset.
+    assert!(!k.unlisted_standby(true, false, true));
+    assert!(!k.unlisted_standby(true, false, true));
+    assert!(k.unlisted_standby(true, false, true));
+    assert!(k.unlisted_standby(true, false, true), "and while it lasts");
+    // Listed again: the count starts afresh.
+    assert!(!k.unlisted_standby(true, true, true));
+    assert!(!k.unlisted_standby(true, false, true));
+    assert!(!k.unlisted_standby(true, false, true));
+    // No answer of a primary, or a WAL receiver that does not stream, is no evidence either
+    // way, and breaks the run.
+    assert!(!k.unlisted_standby(false, false, true));
+    assert!(!k.unlisted_standby(true, false, true));
+    assert!(!k.unlisted_standby(true, false, false));
+    for _ in 0..UNLISTED_BEFORE_WARNING - 1 {
+        assert!(!k.unlisted_standby(true, false, true));
+    }
+    assert!(k.unlisted_standby(true, false, true));
 }

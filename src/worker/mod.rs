@@ -60,8 +60,6 @@ struct Worker {
     /// The next tick comes after this rather than a full interval (once): soon after a first
     /// hold by the WAL receiver guard, or when the lease that holds a promotion expires.
     recheck_after: Option<Duration>,
-    /// Consecutive answers of the primary that did not list this streaming standby.
-    unlisted_answers: u32,
     /// The connection to the witness, when one is configured.
     witness: Option<Witness>,
     /// The lease as last seen on the witness.
@@ -92,7 +90,6 @@ impl Worker {
             started: Instant::now(),
             last_tick: None,
             recheck_after: None,
-            unlisted_answers: 0,
             witness: None,
             lease: None,
             witness_down_since: None,

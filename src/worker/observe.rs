@@ -28,9 +28,6 @@ struct ReplicationSummary {
     peer_replies_recent: bool,
 }
 
-/// Answers in a row that must miss this streaming standby before that is warned about.
-const UNLISTED_BEFORE_WARNING: u32 = 3;
-
 impl Worker {
     /// Everything this tick observes, in order, as the core's input: the replication view
     /// (primary), the heartbeat, the WAL receiver (standby), the trust in the standby and the
@@ -83,17 +80,12 @@ impl Worker {
         };
         let my_timeline = actuators::timeline();
         let wal_receiver_recent = in_recovery && self.wal_receiver_recent();
-        let unlisted = facts.is_some_and(|f| {
-            in_recovery && !f.in_recovery && wal_receiver_recent && f.sync_state_of_asker.is_none()
-        });
-        // A link reset ends the primary's WAL sender before this standby's receiver notices:
-        // only an absence that lasts a few answers is a configuration problem.
-        self.unlisted_answers = if unlisted {
-            self.unlisted_answers + 1
-        } else {
-            0
-        };
-        if self.unlisted_answers >= UNLISTED_BEFORE_WARNING {
+        let answered_by_primary = facts.is_some_and(|f| in_recovery && !f.in_recovery);
+        let listed = facts.is_some_and(|f| f.sync_state_of_asker.is_some());
+        if self
+            .keeper
+            .unlisted_standby(answered_by_primary, listed, wal_receiver_recent)
+        {
             self.note_once(
                 Level::Warning,
                 format!(
