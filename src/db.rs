@@ -9,6 +9,8 @@ use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::spi::Spi;
 
+use keeper_core::StandbyRow;
+
 fn caught_message(e: &CaughtError) -> String {
     match e {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
@@ -41,29 +43,10 @@ pub fn in_transaction<R>(
     outcome
 }
 
-/// One row of `pg_stat_replication` in state `streaming`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Standby {
-    pub application_name: String,
-    pub sync_state: String,
-    /// Bytes of WAL the standby has yet to flush; `None` before it has reported.
-    pub lag_bytes: Option<i64>,
-    /// The standby's flush position, as an LSN; `None` before it has reported.
-    pub flush_lsn: Option<u64>,
-    /// Milliseconds since the standby's last reply on the stream; `None` before its first.
-    pub reply_age_ms: Option<i64>,
-}
-
-impl Standby {
-    pub fn is_synchronous(&self) -> bool {
-        matches!(self.sync_state.as_str(), "sync" | "quorum")
-    }
-}
-
 /// Primary only: the streaming standbys (not counting the WAL stream of a running
 /// pg_basebackup). Read-only, so it also works while commits wait for a
 /// lost standby.
-pub fn streaming_standbys() -> Result<Vec<Standby>, String> {
+pub fn streaming_standbys() -> Result<Vec<StandbyRow>, String> {
     in_transaction(|| {
         Spi::connect(|client| {
             let rows = client
@@ -82,7 +65,7 @@ pub fn streaming_standbys() -> Result<Vec<Standby>, String> {
             let mut out = Vec::new();
             for row in rows {
                 let text = |i| row.get::<String>(i).map(Option::unwrap_or_default);
-                out.push(Standby {
+                out.push(StandbyRow {
                     application_name: text(1).map_err(|e| e.to_string())?,
                     sync_state: text(2).map_err(|e| e.to_string())?,
                     lag_bytes: row.get::<i64>(3).map_err(|e| e.to_string())?,

@@ -6,13 +6,25 @@
 //! [`Mode`], the [`Action`]s to perform in order, and one plain sentence saying what was decided
 //! and why. Every legal move is a row of [`TRANSITIONS`]; a move that is not in the table does not
 //! happen. Every safety rule (when to switch to async, when a standby may promote) lives here.
+//!
+//! Today the keeper protects one pair: a primary and one standby, its peer. A later primary
+//! with two standbys would fit like this. The worker already hands over every streaming
+//! standby ([`StandbyRow`]) and the core picks the peer's row ([`peer_row`]); with two peers
+//! the core would follow one [`SyncTrust`] and one failure count per standby (what
+//! [`StandbySeen`] describes is already one standby's row), the primary's modes would say which
+//! standbys are connected, the lease would name the standby that is trusted as synchronous (it
+//! records one name already), and the switch to async would wait until every synchronous
+//! standby is lost. A standby's rules (its own WAL receiver, the lease naming it,
+//! [`Keeper::unlisted_standby`]) are already about this one standby and would not change.
 
 use std::fmt;
 
 mod lease;
 mod trust;
+mod view;
 pub use lease::{lease_time_ms, LeaseRow, LEASE_MARGIN_MS};
 pub use trust::{StandbySeen, SyncTrust};
+pub use view::{peer_row, ReplicationView, StandbyRow};
 
 /// What the keeper is doing. The process title, the log and the status all show this one value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

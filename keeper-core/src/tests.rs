@@ -1569,3 +1569,61 @@ fn a_standby_the_primary_does_not_list_is_warned_about_after_three_answers_in_a_
     }
     assert!(k.unlisted_standby(true, false, true));
 }
+
+fn row(name: &str, sync_state: &str, flush_lsn: u64) -> StandbyRow {
+    StandbyRow {
+        application_name: name.into(),
+        sync_state: sync_state.into(),
+        lag_bytes: Some(0),
+        flush_lsn: Some(flush_lsn),
+        reply_age_ms: Some(10),
+    }
+}
+
+#[test]
+fn the_peer_is_the_standby_under_its_node_name_or_a_single_one_under_another() {
+    let node2 = row("node2", "sync", 20);
+    let node3 = row("node3", "async", 30);
+    let both = [node3.clone(), node2.clone()];
+    assert_eq!(peer_row(&both, Some("node2")), Some(&node2));
+    // A single standby under another name (cluster_name, walreceiver) is taken for the peer.
+    let alone = std::slice::from_ref(&node3);
+    assert_eq!(peer_row(alone, Some("node2")), Some(&node3));
+    // Several, none under the peer's name: none is the peer.
+    let others = [node3.clone(), row("node4", "sync", 40)];
+    assert_eq!(peer_row(&others, Some("node2")), None);
+    assert_eq!(peer_row(&[], Some("node2")), None);
+}
+
+#[test]
+fn the_replication_view_says_what_the_peer_row_and_every_standby_show() {
+    let mut node2 = row("node2", "async", 20);
+    node2.reply_age_ms = Some(5000);
+    let node3 = row("node3", "sync", 30);
+    let v = ReplicationView::of(
+        &[node2.clone(), node3.clone()],
+        Some("node2"),
+        true,
+        3000,
+        0,
+    );
+    // Streaming and caught up are said of any standby; the trust and the replies of the peer's.
+    assert!(v.streaming && v.caught_up);
+    assert_eq!(
+        v.peer,
+        Some(StandbySeen {
+            synchronous: false,
+            flush_lsn: 20
+        })
+    );
+    assert!(!v.peer_replies_recent, "the peer replied 5 s ago");
+    // Without synchronous_standby_names, any streaming standby counts, and none is synchronous.
+    let v = ReplicationView::of(std::slice::from_ref(&node3), Some("node2"), false, 3000, 0);
+    assert!(v.streaming && v.peer_replies_recent);
+    assert_eq!(v.peer.map(|p| p.synchronous), Some(false));
+    // A standby that has not reported a flush position yet is no peer to trust.
+    node2.flush_lsn = None;
+    node2.lag_bytes = None;
+    let v = ReplicationView::of(&[node2], Some("node2"), true, 3000, 0);
+    assert!(!v.streaming && !v.caught_up && v.peer.is_none());
+}

@@ -1,7 +1,7 @@
 //! What one tick observes, turned into the core's [`Observation`]: the primary's replication
 //! view, the heartbeat's facts, this standby's WAL receiver and the name it streams under.
 
-use keeper_core::{Input, Level, Observation};
+use keeper_core::{Input, Level, Observation, ReplicationView};
 
 use super::Worker;
 use crate::actuators;
@@ -11,21 +11,15 @@ use crate::heartbeat::Beat;
 use crate::identity;
 use crate::settings::Settings;
 
-/// What the replication view says, for the core.
+/// The primary's replication view this tick, for the core.
 #[derive(Default)]
 struct ReplicationSummary {
-    /// A standby is streaming (a synchronous one when synchronous_standby_names is set).
-    streaming: bool,
-    /// A streaming standby is within pg_keeper.sync_restore_lag.
-    caught_up: bool,
     /// Commits wait for the synchronous standby now (read first).
     sync_in_force: bool,
     /// The WAL insert position (read after `sync_in_force`, before the view).
     insert_lsn: u64,
-    /// The peer standby's row, if it streams.
-    peer: Option<keeper_core::StandbySeen>,
-    /// The peer standby replied on its stream within the failure window.
-    peer_replies_recent: bool,
+    /// What the streaming standbys say (the core picks the peer's row).
+    view: ReplicationView,
 }
 
 impl Worker {
@@ -36,12 +30,12 @@ impl Worker {
         self.problems.replication = None;
         let mode = self.keeper.mode();
         let sync_configured = !db::setting(c"synchronous_standby_names").trim().is_empty();
-        let view = if mode.is_master() && !in_recovery {
+        let replication = if mode.is_master() && !in_recovery {
             self.read_replication_view(sync_configured)
         } else {
             ReplicationSummary::default()
         };
-        if view.streaming {
+        if replication.view.streaming {
             if let Err(why) = db::pulse() {
                 self.note_once(
                     Level::Warning,
@@ -94,9 +88,11 @@ impl Worker {
                 Some("Use a superuser or a member of pg_monitor in the node conninfos, and set application_name in primary_conninfo."),
             );
         }
-        let sync_standby_now =
-            self.keeper
-                .lease_names_standby(view.sync_in_force, view.insert_lsn, view.peer);
+        let sync_standby_now = self.keeper.lease_names_standby(
+            replication.sync_in_force,
+            replication.insert_lsn,
+            replication.view.peer,
+        );
         self.publish_trust(self.keeper.trusts_standby());
         let lease = self.observe_lease(mode, in_recovery, my_timeline, sync_standby_now);
         let obs = Observation {
@@ -104,11 +100,11 @@ impl Worker {
             tick_started_ms,
             in_recovery,
             sync_configured,
-            standby_streaming: view.streaming,
+            standby_streaming: replication.view.streaming,
             heartbeat: beat.as_ref().and_then(Beat::for_core),
             restore_wanted: self.settings.sync_restore && Settings::saved_sync_names().is_some(),
-            standby_replies_recent: view.peer_replies_recent,
-            standby_caught_up: view.caught_up,
+            standby_replies_recent: replication.view.peer_replies_recent,
+            standby_caught_up: replication.view.caught_up,
             wal_receiver_recent,
             lease,
             ..Observation::default()
@@ -199,36 +195,16 @@ impl Worker {
             self.last_note = None;
         }
         let peer_name = self.identity.as_ref().map(|i| i.peer_name);
-        // The peer streams under its node name (README: application_name in primary_conninfo);
-        // a single standby under another name is taken for it.
-        let peer_row = standbys
-            .iter()
-            .find(|s| Some(s.application_name.as_str()) == peer_name)
-            .or(if standbys.len() == 1 {
-                standbys.first()
-            } else {
-                None
-            });
-        let window = self.failure_window_ms();
         ReplicationSummary {
-            peer_replies_recent: peer_row
-                .and_then(|s| s.reply_age_ms)
-                .is_some_and(|age| age <= window),
             sync_in_force,
             insert_lsn,
-            peer: peer_row.and_then(|s| {
-                s.flush_lsn.map(|flush_lsn| keeper_core::StandbySeen {
-                    synchronous: sync_configured && s.is_synchronous(),
-                    flush_lsn,
-                })
-            }),
-            streaming: standbys
-                .iter()
-                .any(|s| !sync_configured || s.is_synchronous()),
-            caught_up: standbys.iter().any(|s| {
-                s.lag_bytes
-                    .is_some_and(|lag| lag <= self.settings.sync_restore_lag_bytes)
-            }),
+            view: ReplicationView::of(
+                &standbys,
+                peer_name,
+                sync_configured,
+                self.failure_window_ms(),
+                self.settings.sync_restore_lag_bytes,
+            ),
         }
     }
 }
