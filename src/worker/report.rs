@@ -144,7 +144,8 @@ impl Worker {
         } else {
             None
         };
-        // A held promotion is shown in the status until the primary answers again.
+        // A held promotion is shown in the status until the primary answers again, or until
+        // the keeper is no longer a standby (it promoted).
         match d.history_name() {
             "promotion_held" => self.problems.promotion_held = Some(self.scrub(&d.sentence)),
             "heartbeat_ok" | "primary_seen" if d.from != Mode::MasterConnected => {
