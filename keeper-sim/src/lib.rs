@@ -82,6 +82,9 @@ pub enum Fault {
     /// Another pair using the same witness database writes its own lease there: held by a node
     /// of the same name as this pair's node2, on a later timeline, valid for a lease time.
     ForeignLease,
+    /// Node n's heartbeats reach node n itself (the peer's address now leads here: a moved
+    /// address, a proxy pointed the wrong way).
+    HeartbeatToSelf(usize),
     /// The next time node n performs the action, the fault strikes right after it.
     After(usize, Action, AfterAction),
 }
@@ -104,6 +107,9 @@ impl fmt::Display for Fault {
             Fault::WitnessUp => write!(f, "witness up"),
             Fault::WitnessClock(ms) => write!(f, "witness clock steps {ms:+} ms"),
             Fault::ForeignLease => write!(f, "another cluster writes its lease on the witness"),
+            Fault::HeartbeatToSelf(n) => {
+                write!(f, "{}'s heartbeats reach {} itself", NAMES[*n], NAMES[*n])
+            }
             Fault::After(n, a, what) => {
                 write!(f, "{what:?} of {} right after its {a:?}", NAMES[*n])
             }
@@ -357,6 +363,7 @@ fn apply(w: &mut World, f: Fault) {
             w.witness.offset += ms;
             w.witness_clock_stepped = true;
         }
+        Fault::HeartbeatToSelf(n) => w.hb_to_self[n] = true,
         Fault::ForeignLease => {
             let expires_at = w.witness.clock(w.now) + w.c.lease_ms() as i64;
             w.witness.row = Some(model::Row {
@@ -377,6 +384,7 @@ fn apply(w: &mut World, f: Fault) {
 /// slow: it is not a fault that stops anything.)
 fn heal(w: &mut World) {
     w.hb = [Link::Up; 2];
+    w.hb_to_self = [false; 2];
     w.wit = [Link::Up; 2];
     if w.repl != Link::Slow {
         w.repl = Link::Up;

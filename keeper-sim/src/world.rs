@@ -183,6 +183,8 @@ pub struct World {
     pub witness: Witness,
     /// `hb[n]`: the path of node n's heartbeats (and connections) to the other node.
     pub hb: [Link; 2],
+    /// `hb_to_self[n]`: node n's heartbeats reach node n's own server.
+    pub hb_to_self: [bool; 2],
     /// The replication stream between the nodes.
     pub repl: Link,
     /// `wit[n]`: node n's path to the witness.
@@ -231,6 +233,7 @@ impl World {
             workers: [Some(Worker::new()), Some(Worker::new())],
             witness: Witness::default(),
             hb: [Link::Up; 2],
+            hb_to_self: [false; 2],
             repl: Link::Up,
             wit: [Link::Up; 2],
             acks: Vec::new(),
@@ -573,6 +576,11 @@ impl World {
             Link::Drop => return no("connection reset", 0),
             Link::Swallow => return no("timeout", kt),
             _ => {}
+        }
+        if self.hb_to_self[n] {
+            // This server answers (it is up: its worker runs), but the worker sees that the
+            // answer is its own (src/worker/observe.rs): no answer from the peer.
+            return no("the heartbeat reached this server itself, not the peer", 0);
         }
         if !peer.up {
             return no("connection refused", 0);

@@ -482,3 +482,26 @@ fn hole_1_without_a_witness_the_standby_trusts_only_what_the_primary_trusts() {
         "{s}\n{trace}"
     );
 }
+
+/// Hole 11: a heartbeat that reaches this server itself (the peer's address now leads here) was
+/// taken for the peer's answer: a standby answering itself never counted its primary lost, so
+/// when the primary then died nobody took over. The worker now counts such an answer as none
+/// (modelled here as it does it): the standby promotes within the budget and the lease, before
+/// anything heals.
+#[test]
+fn hole_11_a_heartbeat_that_reaches_this_server_itself_is_no_answer() {
+    let s = Schedule {
+        seed: 111,
+        faults: vec![(1000, Fault::HeartbeatToSelf(1)), (2000, Fault::Crash(0))],
+        heal_at: 20_000,
+    };
+    let out = run(&Config::default(), &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    assert!(trace.contains("reached this server itself"), "{trace}");
+    let promoted = trace
+        .find("node2: standby mode:connected -> standby mode:promoting")
+        .expect(&trace);
+    let healed = trace.find("everything heals").expect(&trace);
+    assert!(promoted < healed, "{trace}");
+}
