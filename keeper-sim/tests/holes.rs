@@ -505,3 +505,38 @@ fn hole_11_a_heartbeat_that_reaches_this_server_itself_is_no_answer() {
     let healed = trace.find("everything heals").expect(&trace);
     assert!(promoted < healed, "{trace}");
 }
+
+/// Hole 12: a call that never answers (a host name whose DNS does not reply: libpq resolved it
+/// with no bound) held the worker, so it decided nothing at all. The keeper's calls are bounded
+/// by its deadline (the real resolver thread is tested on real servers, tests/names.rs); here
+/// every call of node1 hangs, and its keeper still decides every tick: it counts, holds the
+/// switch, stops serving before the lease can be taken, and fences itself once healed.
+#[test]
+fn hole_12_calls_that_never_answer_are_given_up_at_the_deadline() {
+    let s = Schedule {
+        seed: 121,
+        faults: vec![
+            (1000, Fault::Heartbeat(0, Link::Swallow)),
+            (1000, Fault::WitnessPath(0, Link::Swallow)),
+            (1000, Fault::Heartbeat(1, Link::Swallow)),
+            (1000, Fault::Replication(Link::Swallow)),
+        ],
+        heal_at: 15_000,
+    };
+    let out = run(&Config::default(), &s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{s}\n{trace}");
+    // node1 decides while its calls hang: it stops serving at its deadline, then goes on
+    // deciding every tick (each tick waits out both calls) until the heal.
+    let healed = trace.find("everything heals").expect(&trace);
+    let before_heal = &trace[..healed];
+    assert!(
+        before_heal.contains("node1: master mode:connected -> master mode:isolated"),
+        "{trace}"
+    );
+    assert!(
+        before_heal.matches("node1: StopServing done").count() >= 4,
+        "{trace}"
+    );
+    assert!(trace.contains("node1: Fence done"), "{trace}");
+}
