@@ -986,8 +986,12 @@ fn after_command_gets_no_socket_pipe_or_server_file_and_no_ignored_or_blocked_si
     let pair = Pair::connected(
         "after-command-clean-fds",
         Options {
+            // The shell reads its own status with builtins only: while it waits for a child
+            // (grep, say), dash blocks every signal for a moment around its wait, and a child
+            // reading /proc/$$/status then could see that mask instead of the one it started with.
             extra: "pg_keeper.after_command = 'exec > @ROOT@/inherited.tmp; \
-                    grep -E \"^(SigBlk|SigIgn)\" /proc/$$/status; ls -l /proc/$$/fd; \
+                    while read -r k v; do case $k in SigBlk:|SigIgn:) echo \"$k $v\";; esac; \
+                    done < /proc/$$/status; ls -l /proc/$$/fd; \
                     grep -E \"^(SigBlk|SigIgn)\" /proc/$PPID/status | sed \"s/^/keeper /\"; \
                     mv @ROOT@/inherited.tmp @ROOT@/inherited.txt'"
                 .into(),
