@@ -110,41 +110,30 @@ pub fn pulse() -> Result<(), String> {
 /// (terminate, not cancel: a cancelled wait is reported to the client as a commit). Returns how
 /// many.
 pub fn end_waiting_commits() -> Result<i64, String> {
-    in_transaction(|| {
-        Spi::connect(|client| {
-            let rows = client
-                .select(
-                    "SELECT count(*) FILTER (WHERE pg_catalog.pg_terminate_backend(pid))::int8 \
-                     FROM pg_catalog.pg_stat_activity \
-                     WHERE wait_event = 'SyncRep' AND pid <> pg_catalog.pg_backend_pid()",
-                    Some(1),
-                    &[],
-                )
-                .map_err(|e| e.to_string())?;
-            Ok(rows
-                .first()
-                .get_one::<i64>()
-                .map_err(|e| e.to_string())?
-                .unwrap_or(0))
-        })
-    })
+    terminate_sessions("wait_event = 'SyncRep'")
 }
 
 /// Terminates every client session and every logical replication session (not this process,
 /// not the physical WAL senders), and returns how many were ended.
 pub fn end_client_sessions() -> Result<i64, String> {
+    terminate_sessions(
+        "(backend_type = 'client backend' \
+          OR (backend_type = 'walsender' AND datname IS NOT NULL))",
+    )
+}
+
+/// Terminates the sessions of `pg_stat_activity` that match `condition` (other than this
+/// process), and returns how many were ended.
+fn terminate_sessions(condition: &str) -> Result<i64, String> {
+    let sql = format!(
+        "SELECT count(*) FILTER (WHERE pg_catalog.pg_terminate_backend(pid))::int8 \
+         FROM pg_catalog.pg_stat_activity \
+         WHERE pid <> pg_catalog.pg_backend_pid() AND {condition}"
+    );
     in_transaction(|| {
         Spi::connect(|client| {
             let rows = client
-                .select(
-                    "SELECT count(*) FILTER (WHERE pg_catalog.pg_terminate_backend(pid))::int8 \
-                     FROM pg_catalog.pg_stat_activity \
-                     WHERE pid <> pg_catalog.pg_backend_pid() \
-                       AND (backend_type = 'client backend' \
-                            OR (backend_type = 'walsender' AND datname IS NOT NULL))",
-                    Some(1),
-                    &[],
-                )
+                .select(&sql, Some(1), &[])
                 .map_err(|e| e.to_string())?;
             Ok(rows
                 .first()
