@@ -159,6 +159,15 @@ pub enum Action {
     StopServing,
     /// Accept sessions again.
     ResumeServing,
+    /// Start the rejoin process (`pg_keeper.auto_rejoin`): once this superseded server has
+    /// stopped, it rewinds it from the new primary and starts it as its standby. Comes right
+    /// before [`Action::Fence`], which stops the server; never for a node the witness lease names
+    /// as its holder.
+    Rejoin,
+    /// (Standby.) Wake the startup process so that it starts the WAL receiver at once instead
+    /// of after `wal_retrieve_retry_interval`: the primary is back after a planned restart and
+    /// its commits wait for this standby. Idempotent, changes nothing else.
+    WakeWalReceiver,
     /// Start `pg_keeper.after_command` for this event (when one is set).
     RunAfterCommand(AfterEvent),
 }
@@ -262,6 +271,10 @@ pub struct Observation {
     pub peer_uses_witness: Option<bool>,
     /// The lease on the witness, as renewed (primary) or read (standby) this tick.
     pub lease: Lease,
+    /// When (monotonic clock, milliseconds) the peer was last seen announcing a clean shutdown
+    /// since the last tick (its server ended the kept session as a fast shutdown does, or
+    /// refused the heartbeat as shutting down), if it was.
+    pub peer_announced_shutdown_ms: Option<u64>,
 }
 
 /// What the peer said of itself in its heartbeat answer, as the heartbeat query returns it.
@@ -373,8 +386,19 @@ pub enum Event {
     ContactRegained,
     StopServingFailed,
     ResumeFailed,
+    /// The rejoin process could not be started: the fence goes on, and an operator rejoins.
+    RejoinFailed,
     /// The primary has not answered yet since this standby started; failover is not armed.
     PeerNotYetSeen,
+    /// (Standby.) The primary announced a clean shutdown less than `restart_grace_ms` ago and
+    /// has not answered since: a planned restart, so failed heartbeats are not counted yet.
+    PeerRestarting,
+    /// (Standby.) The primary answers again after announcing a clean shutdown, and this
+    /// standby's WAL receiver does not stream yet: wake it.
+    PeerBack,
+    /// (Standby.) Still waiting for the WAL receiver to stream again after the primary's
+    /// restart: wake it again (a wake-up can land while the startup process is busy).
+    PeerBackNotStreaming,
     /// This standby took the lease to promote before a restart: it goes on with the promotion.
     PromotionUnfinished,
     /// The primary is lost, and it uses a witness that this standby does not: promoting without
@@ -443,6 +467,7 @@ const FENCE: &[Action] = &[Fence];
 const END_WAITING: &[Action] = &[EndWaitingCommits];
 const STOP_SERVING: &[Action] = &[StopServing];
 const RESUME_SERVING: &[Action] = &[ResumeServing];
+const WAKE: &[Action] = &[WakeWalReceiver];
 const NONE: &[Action] = &[];
 
 /// Every legal move of the keeper. A (mode, event) pair that is not here leaves the mode as it is
@@ -483,6 +508,10 @@ pub const TRANSITIONS: &[Transition] = &[
     row(StandbyWaiting, E::HeartbeatRefused, StandbyConnected, NONE, Warn, "primary {peer} is alive but refused the heartbeat; automatic failover is armed"),
     row(StandbyWaiting, E::PeerNotYetSeen, StandbyWaiting, NONE, Log, "primary {peer} has not answered since this standby started; automatic failover is not armed until it does"),
     row(StandbyConnected, E::HeartbeatOk, StandbyConnected, NONE, Dbg, "primary {peer} answered"),
+    // A planned restart of the primary is not a failover (see the README's "Planned restarts").
+    row(StandbyConnected, E::PeerRestarting, StandbyConnected, NONE, Log, "primary {peer} announced a clean shutdown; not counting failed heartbeats for pg_keeper.restart_grace, so that a planned restart is not failed over"),
+    row(StandbyConnected, E::PeerBack, StandbyConnected, WAKE, Log, "primary {peer} is back after its restart; starting this standby's WAL receiver at once"),
+    row(StandbyConnected, E::PeerBackNotStreaming, StandbyConnected, WAKE, Dbg, "the WAL receiver does not stream yet; waking it again"),
     row(StandbyConnected, E::HeartbeatRefused, StandbyConnected, NONE, Warn, "primary {peer} is alive but refused the heartbeat; not counted as a failure"),
     row(StandbyConnected, E::HeartbeatFailed, StandbyConnected, NONE, Log, "heartbeat to primary {peer} failed"),
     row(StandbyConnected, E::PeerLost, Promoting, PROMOTE, Log, "primary {peer} lost; promoting this standby"),
@@ -502,6 +531,7 @@ pub const TRANSITIONS: &[Transition] = &[
     row(Isolated, E::Superseded, Fenced, FENCE, Warn, "superseded: {peer} is a primary on a newer timeline; fencing this server"),
     row(Isolated, E::SupersededByLease, Fenced, FENCE, Warn, "superseded: the lease on the witness names {peer}, on a timeline not older than this server's; fencing this server"),
     row(Fenced, E::FenceFailed, Fenced, NONE, Warn, "could not fence this server; stop it by hand"),
+    row(Fenced, E::RejoinFailed, Fenced, FENCE, Warn, "could not start the rejoin process (pg_keeper.auto_rejoin); fencing this server anyway"),
     row(Promoting, E::DegradeFailed, Promoting, NONE, Warn, "could not switch to asynchronous replication after the promotion request; commits may wait for a synchronous standby until it is fixed"),
     row(Promoting, E::TakeFailed, StandbyConnected, NONE, Warn, "not promoting: could not take the lease on the witness; will retry"),
     row(Promoting, E::PromoteFailed, StandbyConnected, NONE, Warn, "promotion request failed; will retry"),
@@ -518,6 +548,7 @@ const ISOLATED_SAYS: &str = "isolated: this primary has reached neither standby 
 /// Conditions that can repeat every tick: logged once per distinct reason.
 const ONCE_PER_REASON: &[Event] = &[
     E::IdentityProblem,
+    E::PeerRestarting,
     E::PeerNotYetSeen,
     E::HeartbeatRefused,
     E::PeerLostNotSynchronous,
@@ -543,6 +574,11 @@ pub struct Settings {
     pub promote_timeout_ms: u64,
     /// `pg_keeper.allow_data_loss_failover`: promote even a standby that was not synchronous.
     pub allow_data_loss_failover: bool,
+    /// `pg_keeper.restart_grace` in milliseconds: how long after the primary announced a clean
+    /// shutdown a standby does not count failed heartbeats (0: counted at once).
+    pub restart_grace_ms: u64,
+    /// `pg_keeper.auto_rejoin`: a superseded primary brings itself back as a standby.
+    pub auto_rejoin: bool,
     /// How the log names this node and the peer, e.g. `node1 (10.0.0.1:5432)`.
     pub me_name: String,
     pub peer_name: String,
@@ -555,6 +591,8 @@ impl Default for Settings {
             keepalive_time_ms: 1000,
             promote_timeout_ms: 60_000,
             allow_data_loss_failover: false,
+            restart_grace_ms: 0,
+            auto_rejoin: false,
             me_name: "this node".into(),
             peer_name: "peer".into(),
         }
@@ -597,6 +635,9 @@ impl Decision {
             E::PeerLostSync | E::PeerLostAsync => "standby_lost",
             E::PeerLost => "primary_lost",
             E::PeerNotYetSeen => "primary_not_seen",
+            E::PeerRestarting => "primary_restarting",
+            E::PeerBack => "primary_back",
+            E::PeerBackNotStreaming => "heartbeat_ok",
             E::PromotionUnfinished => "promotion_resumed",
             E::StandbyCaughtUp => "standby_caught_up",
             E::RecoveryEnded if self.from == Promoting => "promoted",
@@ -619,6 +660,7 @@ impl Decision {
             | E::EndWaitingFailed
             | E::StopServingFailed
             | E::ResumeFailed
+            | E::RejoinFailed
             | E::AfterCommandFailed => "action_failed",
         }
     }
@@ -656,7 +698,22 @@ pub struct Keeper {
     /// (Standby.) Answers of the primary in a row that did not list this streaming standby
     /// (see [`Keeper::unlisted_standby`]).
     unlisted_answers: u32,
+    /// (Standby.) The primary's last clean shutdown announcement, until it streams again.
+    restart: Option<PeerRestart>,
 }
+
+/// (Standby.) A planned restart of the primary, from its announcement until this standby's
+/// WAL receiver streams again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PeerRestart {
+    /// When the primary announced its clean shutdown.
+    announced_ms: u64,
+    /// When it answered again, if it has.
+    back_ms: Option<u64>,
+}
+
+/// How long after the primary is back the WAL receiver is woken (every tick) until it streams.
+pub const WAKE_FOR_MS: u64 = 10_000;
 
 /// What a restarted worker needs to go on where the last one stopped: the worker keeps it in
 /// shared memory, which lasts as long as the server runs. The log's once-per-reason memory and
@@ -701,6 +758,7 @@ impl Keeper {
             lease_may_name_standby: true,
             naming_standby: false,
             unlisted_answers: 0,
+            restart: None,
         }
     }
 
@@ -865,6 +923,61 @@ impl Keeper {
         self.failures
     }
 
+    /// (Standby.) The primary announced a clean shutdown less than `restart_grace_ms` before
+    /// `now_ms` and has not answered since.
+    fn in_restart_grace(&self, now_ms: u64, s: &Settings) -> bool {
+        self.restart.is_some_and(|r| {
+            r.back_ms.is_none() && now_ms < r.announced_ms.saturating_add(s.restart_grace_ms)
+        })
+    }
+
+    /// Whether the worker should heartbeat quickly (every 100 ms or so) rather than every `keepalive_time`: a standby in the grace of a planned
+    /// restart of its primary, to see it back at once, and until its WAL receiver streams
+    /// again. Failures are not counted meanwhile, so this acts on nothing sooner.
+    pub fn polls_fast(&self, now_ms: u64, s: &Settings) -> bool {
+        matches!(self.mode, StandbyConnected)
+            && (self.in_restart_grace(now_ms, s)
+                || self
+                    .restart
+                    .and_then(|r| r.back_ms)
+                    .is_some_and(|b| now_ms < b + WAKE_FOR_MS))
+    }
+
+    /// (Standby.) Notes the primary's announcement of a clean shutdown, before the tick's
+    /// event is derived.
+    fn note_announcement(&mut self, obs: &Observation) {
+        if !matches!(self.mode, StandbyConnected) {
+            self.restart = None;
+            return;
+        }
+        if let Some(at) = obs.peer_announced_shutdown_ms {
+            // A new announcement after the primary was back is a new restart; one while it
+            // is still away keeps the first (the grace is counted from there).
+            if self.restart.is_none_or(|r| r.back_ms.is_some()) {
+                self.restart = Some(PeerRestart {
+                    announced_ms: at,
+                    back_ms: None,
+                });
+            }
+        }
+    }
+
+    /// (Standby.) After the tick's event: the primary is back (the WAL receiver is woken from
+    /// then on), or the restart is over (the WAL receiver streams, or waking it stopped).
+    fn follow_return(&mut self, obs: &Observation) {
+        if obs.heartbeat == Some(Heartbeat::Answered) {
+            if let Some(r) = &mut self.restart {
+                if obs.wal_receiver_recent {
+                    self.restart = None;
+                } else if r.back_ms.is_none() {
+                    r.back_ms = Some(obs.now_ms);
+                } else if r.back_ms.is_some_and(|b| obs.now_ms >= b + WAKE_FOR_MS) {
+                    self.restart = None;
+                }
+            }
+        }
+    }
+
     /// Derives the one event this input means in the current mode.
     fn event_for(&self, input: &Input, s: &Settings) -> (Event, String) {
         match input {
@@ -883,6 +996,9 @@ impl Keeper {
                     StopServing => E::StopServingFailed,
                     ResumeServing => E::ResumeFailed,
                     RunAfterCommand(_) => E::AfterCommandFailed,
+                    // Setting a latch cannot fail; the next tick wakes it again anyway.
+                    WakeWalReceiver => E::Idle,
+                    Rejoin => E::RejoinFailed,
                 };
                 (e, why.clone())
             }
@@ -1003,14 +1119,26 @@ impl Keeper {
         if obs.lease == Lease::Taken {
             return (E::PromotionUnfinished, String::new());
         }
+        let grace = self.mode == StandbyConnected && self.in_restart_grace(obs.now_ms, s);
+        let restarting = || {
+            (
+                E::PeerRestarting,
+                format!("the grace is {} ms", s.restart_grace_ms),
+            )
+        };
         let failure = match &obs.heartbeat {
             None => return (E::Idle, String::new()),
             Some(Heartbeat::NoAnswer(why)) => why.clone(),
-            Some(Heartbeat::Answered) => return (E::HeartbeatOk, String::new()),
+            Some(Heartbeat::Answered) => return self.answered_as_standby(obs),
+            // Starting up or shutting down is what a planned restart says.
+            Some(Heartbeat::Refused(_)) if grace => return restarting(),
             Some(Heartbeat::Refused(why)) => return (E::HeartbeatRefused, why.clone()),
         };
         if self.mode == StandbyWaiting {
             return (E::PeerNotYetSeen, failure);
+        }
+        if grace {
+            return restarting();
         }
         let (at_the_limit, detail) = self.count_failure(&failure, s);
         if !at_the_limit {
@@ -1029,6 +1157,29 @@ impl Keeper {
                 Some(why) => (E::PeerLostLeaseWithheld, format!("{why}; {detail}")),
                 None => (E::PeerLost, detail),
             }
+        }
+    }
+
+    /// (Standby.) The primary answered: back after a planned restart (and this standby's WAL
+    /// receiver does not stream yet: wake it), or just alive.
+    fn answered_as_standby(&self, obs: &Observation) -> (Event, String) {
+        match self.restart {
+            Some(r) if self.mode == StandbyConnected && !obs.wal_receiver_recent => {
+                match r.back_ms {
+                    None => (
+                        E::PeerBack,
+                        format!(
+                            "{} ms after it announced a clean shutdown",
+                            obs.now_ms.saturating_sub(r.announced_ms)
+                        ),
+                    ),
+                    Some(b) if obs.now_ms < b + WAKE_FOR_MS => {
+                        (E::PeerBackNotStreaming, String::new())
+                    }
+                    Some(_) => (E::HeartbeatOk, String::new()),
+                }
+            }
+            _ => (E::HeartbeatOk, String::new()),
         }
     }
 
@@ -1077,8 +1228,12 @@ impl Keeper {
                 self.pending.remove(0);
             }
         }
+        if let Input::Tick(obs) = input {
+            self.note_announcement(obs);
+        }
         let (event, detail) = self.event_for(input, s);
         if let Input::Tick(obs) = input {
+            self.follow_return(obs);
             if self.mode.is_master() && contact(obs) {
                 self.last_contact_ms = Some(obs.tick_started_ms);
             }
@@ -1105,7 +1260,12 @@ impl Keeper {
 
         // Bookkeeping that goes with the event.
         match event {
-            E::HeartbeatOk | E::HeartbeatRefused | E::StandbyCaughtUp => self.failures = 0,
+            E::HeartbeatOk
+            | E::HeartbeatRefused
+            | E::StandbyCaughtUp
+            | E::PeerRestarting
+            | E::PeerBack
+            | E::PeerBackNotStreaming => self.failures = 0,
             E::HeartbeatFailed
             | E::PeerLost
             | E::PeerLostSync
@@ -1156,10 +1316,17 @@ impl Keeper {
         if t.actions.contains(&Promote) {
             self.promote_requested_at = now.or(self.promote_requested_at);
         }
-        if t.to != from || !t.actions.is_empty() {
+        let mut actions = t.actions.to_vec();
+        if let Input::Tick(obs) = input {
+            let wanted = s.auto_rejoin && !self.paused && may_rejoin(&obs.lease);
+            if actions.first() == Some(&Fence) && wanted {
+                actions.insert(0, Rejoin);
+            }
+        }
+        if t.to != from || !actions.is_empty() {
             // A failed action that sends the keeper to another mode ends the rest of its
             // decision; a new decision replaces what was left.
-            self.pending = t.actions.to_vec();
+            self.pending = actions.clone();
         }
         self.mode = t.to;
 
@@ -1168,7 +1335,7 @@ impl Keeper {
             from,
             event,
             to: t.to,
-            actions: t.actions.to_vec(),
+            actions,
             level,
             sentence,
             held: false,
@@ -1183,6 +1350,13 @@ impl Keeper {
 fn contact(obs: &Observation) -> bool {
     obs.lease == Lease::Held
         || (obs.heartbeat == Some(Heartbeat::Answered) && obs.standby_streaming)
+}
+
+/// Whether a superseded primary may rejoin as a standby by itself: not while the witness lease
+/// names it as the holder (renewed or taken this tick), since it may then hold commits
+/// acknowledged under that lease which a rewind would throw away; an operator must look.
+fn may_rejoin(lease: &Lease) -> bool {
+    !matches!(lease, Lease::Held | Lease::Taken)
 }
 
 /// What an isolated primary reached again.

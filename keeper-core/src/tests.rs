@@ -8,6 +8,8 @@ fn settings(count: u32) -> Settings {
         keepalive_time_ms: 1000,
         promote_timeout_ms: 10_000,
         allow_data_loss_failover: false,
+        restart_grace_ms: 0,
+        auto_rejoin: false,
         me_name: "node1".into(),
         peer_name: "node2".into(),
     }
@@ -29,6 +31,7 @@ fn tick(now_ms: u64, in_recovery: bool, hb: Option<Heartbeat>) -> Input {
         peer_newer_primary: false,
         peer_uses_witness: None,
         lease: Lease::NotConfigured,
+        peer_announced_shutdown_ms: None,
     })
 }
 
@@ -404,6 +407,7 @@ fn every_row_is_reachable_from_some_input() {
         Input::ActionFailed(EndWaitingCommits, "h".into()),
         Input::ActionFailed(StopServing, "i".into()),
         Input::ActionFailed(ResumeServing, "j".into()),
+        Input::ActionFailed(Rejoin, "k".into()),
     ];
     let leases = [
         Lease::NotConfigured,
@@ -444,6 +448,8 @@ fn every_row_is_reachable_from_some_input() {
                                     peer_newer_primary: guard,
                                     peer_uses_witness: None,
                                     lease: lease.clone(),
+                                    peer_announced_shutdown_ms: (now_ms == 0 && !restore)
+                                        .then_some(0),
                                 }));
                             }
                         }
@@ -453,13 +459,25 @@ fn every_row_is_reachable_from_some_input() {
         }
     }
     for count in [1, 2] {
-        let s = settings(count);
+        let s = Settings {
+            restart_grace_ms: 30_000,
+            ..settings(count)
+        };
         for mode in Mode::ALL {
             for input in &inputs {
-                for (was_synchronous, peer_used_witness, last_contact_ms) in [
-                    (false, false, None),
-                    (true, false, Some(0)),
-                    (true, true, Some(0)),
+                for (was_synchronous, peer_used_witness, last_contact_ms, restart) in [
+                    (false, false, None, None),
+                    (true, false, Some(0), None),
+                    (true, true, Some(0), None),
+                    (
+                        true,
+                        false,
+                        Some(0),
+                        Some(PeerRestart {
+                            announced_ms: 0,
+                            back_ms: Some(0),
+                        }),
+                    ),
                 ] {
                     let mut k = Keeper {
                         mode,
@@ -475,6 +493,7 @@ fn every_row_is_reachable_from_some_input() {
                         lease_may_name_standby: true,
                         naming_standby: false,
                         unlisted_answers: 0,
+                        restart,
                     };
                     let d = k.step(input, &s);
                     fired.insert((d.from, d.event));
@@ -508,6 +527,7 @@ fn catch_up_tick(now_ms: u64, caught_up: bool) -> Input {
         peer_newer_primary: false,
         peer_uses_witness: None,
         lease: Lease::NotConfigured,
+        peer_announced_shutdown_ms: None,
     })
 }
 
@@ -655,6 +675,7 @@ fn standby_tick(
         peer_newer_primary: false,
         peer_uses_witness: None,
         lease: Lease::NotConfigured,
+        peer_announced_shutdown_ms: None,
     })
 }
 
@@ -782,6 +803,7 @@ fn a_standby_that_answers_but_does_not_stream_counts_as_a_failure_for_the_primar
             peer_newer_primary: false,
             peer_uses_witness: None,
             lease: Lease::NotConfigured,
+            peer_announced_shutdown_ms: None,
         })
     };
     let d = k.step(&answered_not_streaming(1), &s);
@@ -1626,4 +1648,246 @@ fn the_replication_view_says_what_the_peer_row_and_every_standby_show() {
     node2.lag_bytes = None;
     let v = ReplicationView::of(&[node2], Some("node2"), true, 3000, 0);
     assert!(!v.streaming && !v.caught_up && v.peer.is_none());
+}
+
+/// A standby tick with the primary's answer, the WAL receiver's state and a clean shutdown
+/// announcement (or none).
+fn restart_tick(
+    now_ms: u64,
+    hb: Option<Heartbeat>,
+    streaming: bool,
+    announced: Option<u64>,
+) -> Input {
+    match standby_tick(now_ms, hb, streaming, Some(true)) {
+        Input::Tick(obs) => Input::Tick(Observation {
+            peer_announced_shutdown_ms: announced,
+            ..obs
+        }),
+        other => other,
+    }
+}
+
+fn refused_as(why: &str) -> Option<Heartbeat> {
+    Some(Heartbeat::Refused(why.into()))
+}
+
+fn with_grace(s: Settings, ms: u64) -> Settings {
+    Settings {
+        restart_grace_ms: ms,
+        ..s
+    }
+}
+
+#[test]
+fn a_planned_restart_of_the_primary_is_not_failed_over_even_at_one_failure() {
+    let (mut k, s) = standby_connected(1);
+    let s = with_grace(s, 30_000);
+    // The kept session was ended by a fast shutdown at 100 ms; the heartbeat finds the
+    // primary shutting down, then gone, then starting up.
+    let d = k.step(
+        &restart_tick(150, refused_as("shutting down"), true, Some(100)),
+        &s,
+    );
+    assert_eq!(
+        (d.event, d.to, d.level),
+        (E::PeerRestarting, StandbyConnected, Level::Log)
+    );
+    assert!(k.polls_fast(150, &s));
+    let d = k.step(&restart_tick(250, no_answer(), false, None), &s);
+    assert_eq!((d.event, d.to), (E::PeerRestarting, StandbyConnected));
+    assert_eq!(d.level, Level::Debug, "said once per restart");
+    assert_eq!(k.failures(), 0);
+    let d = k.step(
+        &restart_tick(350, refused_as("starting up"), false, None),
+        &s,
+    );
+    assert_eq!((d.event, d.to), (E::PeerRestarting, StandbyConnected));
+    // Back: the WAL receiver is woken at once, then every tick until it streams.
+    let d = k.step(
+        &restart_tick(450, Some(Heartbeat::Answered), false, None),
+        &s,
+    );
+    assert_eq!(
+        (d.event, d.actions.clone()),
+        (E::PeerBack, vec![WakeWalReceiver])
+    );
+    assert!(
+        d.sentence
+            .contains("350 ms after it announced a clean shutdown"),
+        "{}",
+        d.sentence
+    );
+    let d = k.step(
+        &restart_tick(550, Some(Heartbeat::Answered), false, None),
+        &s,
+    );
+    assert_eq!(
+        (d.event, d.actions),
+        (E::PeerBackNotStreaming, vec![WakeWalReceiver])
+    );
+    assert!(k.polls_fast(550, &s));
+    let d = k.step(
+        &restart_tick(650, Some(Heartbeat::Answered), true, None),
+        &s,
+    );
+    assert_eq!((d.event, d.actions), (E::HeartbeatOk, vec![]));
+    assert!(!k.polls_fast(650, &s));
+    // Over: the next loss is a failure again.
+    let d = k.step(&restart_tick(1650, no_answer(), false, None), &s);
+    assert_eq!((d.event, d.to), (E::PeerLost, Promoting));
+}
+
+#[test]
+fn a_planned_stop_that_does_not_come_back_is_failed_over_after_the_grace() {
+    let (mut k, s) = standby_connected(2);
+    let s = with_grace(s, 30_000);
+    k.step(&restart_tick(100, no_answer(), false, Some(100)), &s);
+    let d = k.step(&restart_tick(29_999, no_answer(), false, None), &s);
+    assert_eq!(d.event, E::PeerRestarting);
+    assert!(k.polls_fast(29_999, &s));
+    // After the grace: the regular count at the regular interval.
+    assert!(!k.polls_fast(30_100, &s));
+    let d = k.step(&restart_tick(30_100, no_answer(), false, None), &s);
+    assert_eq!((d.event, d.to), (E::HeartbeatFailed, StandbyConnected));
+    let d = k.step(&restart_tick(31_100, no_answer(), false, None), &s);
+    assert_eq!((d.event, d.to), (E::PeerLost, Promoting));
+}
+
+#[test]
+fn without_an_announcement_or_a_grace_or_on_the_primary_a_loss_counts_at_once() {
+    // No announcement: a crash.
+    let (mut k, s) = standby_connected(1);
+    let s = with_grace(s, 30_000);
+    let d = k.step(&restart_tick(100, no_answer(), false, None), &s);
+    assert_eq!(d.event, E::PeerLost);
+    // No grace.
+    let (mut k, s) = standby_connected(1);
+    let d = k.step(&restart_tick(100, no_answer(), false, Some(50)), &s);
+    assert_eq!(d.event, E::PeerLost);
+    // The primary does not wait for a standby that shuts down cleanly: commits would hang.
+    let (mut k, s) = master_connected(1);
+    let s = with_grace(s, 30_000);
+    let d = match tick(100, false, no_answer()) {
+        Input::Tick(obs) => k.step(
+            &Input::Tick(Observation {
+                standby_streaming: false,
+                peer_announced_shutdown_ms: Some(50),
+                ..obs
+            }),
+            &s,
+        ),
+        _ => unreachable!(),
+    };
+    assert_eq!(d.event, E::PeerLostSync);
+}
+
+#[test]
+fn a_primary_back_whose_wal_receiver_never_streams_is_woken_for_a_bounded_time() {
+    let (mut k, s) = standby_connected(1);
+    let s = with_grace(s, 30_000);
+    k.step(&restart_tick(100, no_answer(), false, Some(100)), &s);
+    let d = k.step(
+        &restart_tick(200, Some(Heartbeat::Answered), false, None),
+        &s,
+    );
+    assert_eq!(d.event, E::PeerBack);
+    let d = k.step(
+        &restart_tick(
+            200 + WAKE_FOR_MS - 1,
+            Some(Heartbeat::Answered),
+            false,
+            None,
+        ),
+        &s,
+    );
+    assert_eq!(d.event, E::PeerBackNotStreaming);
+    let d = k.step(
+        &restart_tick(200 + WAKE_FOR_MS, Some(Heartbeat::Answered), false, None),
+        &s,
+    );
+    assert_eq!((d.event, d.actions), (E::HeartbeatOk, vec![]));
+    assert!(!k.polls_fast(200 + WAKE_FOR_MS, &s));
+    // And a loss after that counts at once.
+    let d = k.step(
+        &restart_tick(300 + WAKE_FOR_MS, no_answer(), false, None),
+        &s,
+    );
+    assert_eq!(d.event, E::PeerLost);
+}
+
+fn superseded_tick(lease: Lease) -> Input {
+    match tick(100, false, Some(Heartbeat::Answered)) {
+        Input::Tick(obs) => Input::Tick(Observation {
+            peer_newer_primary: true,
+            lease,
+            ..obs
+        }),
+        other => other,
+    }
+}
+
+#[test]
+fn with_auto_rejoin_a_superseded_primary_starts_the_rejoin_before_it_fences_itself() {
+    let rejoining = |s: &Settings| Settings {
+        auto_rejoin: true,
+        ..s.clone()
+    };
+    // Off: fenced, nothing else.
+    let (mut k, s) = master_connected(1);
+    let d = k.step(&superseded_tick(Lease::NotConfigured), &s);
+    assert_eq!((d.to, d.actions), (Fenced, vec![Fence]));
+    // On: the rejoin process first (it waits for the server to stop), then the fence.
+    let (mut k, s) = master_connected(1);
+    let d = k.step(&superseded_tick(Lease::NotConfigured), &rejoining(&s));
+    assert_eq!((d.to, d.actions), (Fenced, vec![Rejoin, Fence]));
+    assert_eq!(k.next_action(), Some(Rejoin));
+    // Superseded by the lease (it names the other node): the same.
+    let (mut k, s) = master_connected(1);
+    let by_lease = Lease::Peer {
+        newer: true,
+        expired: false,
+        names_me: false,
+    };
+    let d = k.step(
+        &match tick(100, false, no_answer()) {
+            Input::Tick(obs) => Input::Tick(Observation {
+                lease: by_lease,
+                ..obs
+            }),
+            other => other,
+        },
+        &rejoining(&s),
+    );
+    assert_eq!(
+        (d.event, d.actions),
+        (E::SupersededByLease, vec![Rejoin, Fence])
+    );
+    // Never while the lease names this node as its holder: it may hold commits acknowledged
+    // under it, which a rewind would throw away.
+    for lease in [Lease::Held, Lease::Taken] {
+        let (mut k, s) = master_connected(1);
+        let d = k.step(&superseded_tick(lease.clone()), &rejoining(&s));
+        assert_eq!((d.to, d.actions), (Fenced, vec![Fence]), "{lease:?}");
+    }
+    // Paused: fenced, and the operator rejoins.
+    let (mut k, s) = master_connected(1);
+    k.set_paused(true);
+    let d = k.step(&superseded_tick(Lease::NotConfigured), &rejoining(&s));
+    assert_eq!(d.actions, vec![Fence]);
+}
+
+#[test]
+fn a_rejoin_process_that_cannot_start_still_fences() {
+    let (mut k, s) = master_connected(1);
+    let s = Settings {
+        auto_rejoin: true,
+        ..s
+    };
+    k.step(&superseded_tick(Lease::NotConfigured), &s);
+    let d = k.step(&Input::ActionFailed(Rejoin, "no bash".into()), &s);
+    assert_eq!(
+        (d.event, d.to, d.actions),
+        (E::RejoinFailed, Fenced, vec![Fence])
+    );
+    assert_eq!(k.next_action(), Some(Fence));
 }

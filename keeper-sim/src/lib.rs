@@ -60,6 +60,8 @@ pub enum AfterAction {
 pub enum Fault {
     /// `kill -9` of a node's postmaster.
     Crash(usize),
+    /// `pg_ctl stop -m fast` of a node: a clean shutdown, announced to the peer's kept session.
+    CleanStop(usize),
     /// Start a stopped server again.
     Start(usize),
     /// Start a stopped server again, with a long recovery: it refuses connections for
@@ -93,6 +95,7 @@ impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Fault::Crash(n) => write!(f, "kill -9 {}", NAMES[*n]),
+            Fault::CleanStop(n) => write!(f, "pg_ctl stop -m fast {}", NAMES[*n]),
             Fault::Start(n) => write!(f, "start {}", NAMES[*n]),
             Fault::StartSlowly(n) => write!(f, "start {} with a long recovery", NAMES[*n]),
             Fault::Freeze(n) => write!(f, "freeze {}", NAMES[*n]),
@@ -184,7 +187,10 @@ pub struct Outcome {
 /// How long after the heal exactly one primary must stand.
 pub fn settle_ms(c: &Config) -> Ms {
     // A lease to expire, a failure budget, a promotion, and a margin.
-    c.lease_ms() + 2 * c.keepalive_ms * c.keepalive_count as u64 + 3 * c.keepalive_ms
+    c.lease_ms()
+        + 2 * c.keepalive_ms * c.keepalive_count as u64
+        + 3 * c.keepalive_ms
+        + c.restart_grace_ms
 }
 
 /// Runs a schedule and checks (a), (b) after every step and (c) at the end.
@@ -346,6 +352,7 @@ fn newest_primary(w: &World) -> Option<usize> {
 fn apply(w: &mut World, f: Fault) {
     match f {
         Fault::Crash(n) => w.crash(n),
+        Fault::CleanStop(n) => w.clean_stop(n),
         Fault::Start(n) => w.start(n),
         Fault::StartSlowly(n) => {
             w.start(n);
@@ -414,6 +421,8 @@ fn episodes(set: FaultSet, n: usize, clock_step: i64) -> Vec<(Fault, Option<Faul
         kinds.push((Fault::Crash(n), Some(Fault::Start(n))));
         kinds.push((Fault::Crash(n), Some(Fault::StartSlowly(n))));
         kinds.push((Fault::Crash(n), None));
+        kinds.push((Fault::CleanStop(n), Some(Fault::Start(n))));
+        kinds.push((Fault::CleanStop(n), None));
     }
     if set.freezes {
         kinds.push((Fault::Freeze(n), Some(Fault::Thaw(n))));

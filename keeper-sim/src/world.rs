@@ -44,6 +44,10 @@ pub struct Config {
     pub client_cancel_ms: Option<Ms>,
     /// A node whose `pg_keeper.witness_conninfo` is not set while the other's is.
     pub without_witness: Option<usize>,
+    /// `pg_keeper.restart_grace`.
+    pub restart_grace_ms: Ms,
+    /// `pg_keeper.auto_rejoin`.
+    pub auto_rejoin: bool,
 }
 
 impl Default for Config {
@@ -65,6 +69,8 @@ impl Default for Config {
             check_liveness: true,
             client_cancel_ms: Some(10_000),
             without_witness: None,
+            restart_grace_ms: 3_000,
+            auto_rejoin: false,
         }
     }
 }
@@ -139,6 +145,9 @@ pub struct Worker {
     /// No tick before this (a call that waited out its deadline).
     busy_until: Ms,
     phase: Phase,
+    /// When the peer ended this worker's kept connection with a clean shutdown announcement,
+    /// since the last tick.
+    announced: Option<Ms>,
 }
 
 impl Worker {
@@ -151,12 +160,15 @@ impl Worker {
             last_event: None,
             busy_until: 0,
             phase: Phase::Idle,
+            announced: None,
         }
     }
 
-    fn interval(&self, c: &Config) -> Ms {
+    fn interval(&self, c: &Config, now: Ms, s: &Settings) -> Ms {
         if self.keeper.mode() == Mode::Promoting {
             100
+        } else if self.keeper.polls_fast(now, s) {
+            c.keepalive_ms.min(100)
         } else if let Some(soon) = self.recheck_after {
             c.keepalive_ms.min(soon)
         } else {
@@ -212,7 +224,14 @@ pub struct World {
     /// When each node's worker last began a tick that reached the witness (renewed the lease)
     /// or its streaming standby (heartbeat answered, replication streaming).
     pub last_reached: [Option<Ms>; 2],
+    /// (auto_rejoin) The rejoin process of node n runs and waits for its server to stop.
+    rejoin_waiting: [bool; 2],
+    /// (auto_rejoin) When node n's rejoin process, its server stopped, has rewound it.
+    rejoin_at: [Option<Ms>; 2],
 }
+
+/// How long a rejoin takes once the server has stopped (pg_rewind, the start).
+pub const REJOIN_MS: Ms = 1500;
 
 pub const NAMES: [&str; 2] = ["node1", "node2"];
 
@@ -248,6 +267,8 @@ impl World {
             witness_clock_stepped: false,
             served_past_lease: None,
             last_reached: [None, None],
+            rejoin_waiting: [false; 2],
+            rejoin_at: [None, None],
         };
         // Settle: both keepers connected and synchronous.
         for _ in 0..(5 * w.c.keepalive_ms / w.c.step_ms) {
@@ -269,6 +290,8 @@ impl World {
             keepalive_time_ms: self.c.keepalive_ms,
             promote_timeout_ms: 100,
             allow_data_loss_failover: false,
+            restart_grace_ms: self.c.restart_grace_ms,
+            auto_rejoin: self.c.auto_rejoin,
             me_name: NAMES[n].into(),
             peer_name: NAMES[1 - n].into(),
         }
@@ -280,8 +303,51 @@ impl World {
         self.background();
         self.replicate();
         self.clients();
+        self.rejoins();
         for n in 0..2 {
             self.run_worker(n);
+        }
+    }
+
+    /// The rejoin processes (src/rejoin.rs): once its server has stopped, bin/rejoin refuses a
+    /// server started meanwhile, needs the other node up as a primary and reachable, rewinds
+    /// to the history the two share, and starts the server as a standby.
+    fn rejoins(&mut self) {
+        for (n, name) in NAMES.into_iter().enumerate() {
+            let Some(at) = self.rejoin_at[n] else {
+                continue;
+            };
+            if self.now < at {
+                continue;
+            }
+            self.rejoin_at[n] = None;
+            let p = 1 - n;
+            let source = &self.servers[p];
+            if self.servers[n].up {
+                self.say(|| format!("{}: rejoin: the server is running; refusing", name));
+                continue;
+            }
+            if !source.running(self.now) || source.in_recovery || self.hb[n] != Link::Up {
+                self.say(|| format!("{}: rejoin: the new primary cannot be reached as a primary; the server stays stopped", name));
+                continue;
+            }
+            let shared = self.servers[n]
+                .wal
+                .iter()
+                .zip(&source.wal)
+                .take_while(|(a, b)| a == b)
+                .count();
+            let (wal, tl) = (source.wal[..shared].to_vec(), source.timeline);
+            let srv = &mut self.servers[n];
+            let discarded = srv.wal.len() - shared;
+            srv.wal = wal;
+            srv.timeline = tl;
+            srv.in_recovery = true;
+            srv.standby_signal = true;
+            self.say(|| {
+                format!("{}: rejoin: rewound ({discarded} record(s) of its own discarded), starting as a standby", name)
+            });
+            self.start(n);
         }
     }
 
@@ -451,7 +517,9 @@ impl World {
         };
         match w.phase.clone() {
             Phase::Idle => {
-                let mut due = w.last_tick.map_or(now, |t| t + w.interval(&self.c));
+                let mut due = w
+                    .last_tick
+                    .map_or(now, |t| t + w.interval(&self.c, now, &s));
                 // The worker also wakes up for the deadline by which it must stop serving.
                 if let (Some(t), Some(d)) = (w.last_tick, w.keeper.serve_deadline_ms(&s)) {
                     due = due.min(d.max(t + 1));
@@ -744,6 +812,7 @@ impl World {
             standby_replies_recent: tick.replies_recent,
             wal_receiver_recent: tick.wal_receiver_recent,
             lease: tick.lease,
+            peer_announced_shutdown_ms: self.worker(n).announced.take(),
             ..Observation::default()
         };
         let answer = facts.map(|f| PeerAnswer {
@@ -881,6 +950,10 @@ impl World {
                     }
                 }
             }
+            Action::Rejoin => {
+                self.rejoin_waiting[n] = true;
+                Ok(())
+            }
             Action::EndWaitingCommits => {
                 // The sessions end without an answer to their COMMIT.
                 self.servers[n].waiting.clear();
@@ -897,7 +970,11 @@ impl World {
                 self.servers[n].refusing = false;
                 Ok(())
             }
-            Action::ReleaseStandby | Action::TakeLease | Action::RunAfterCommand(_) => Ok(()),
+            // The stream here starts again as soon as it can (no retry interval is modelled).
+            Action::ReleaseStandby
+            | Action::TakeLease
+            | Action::WakeWalReceiver
+            | Action::RunAfterCommand(_) => Ok(()),
         }
     }
 
@@ -941,9 +1018,47 @@ impl World {
         }
     }
 
+    /// `pg_ctl stop -m fast` of node n: its sessions are ended (a commit under way gets no
+    /// answer), the peer's kept heartbeat session among them, with the announcement of a clean
+    /// shutdown; the walsender sends the standby every WAL record over a link that passes, and
+    /// the server stops.
+    pub fn clean_stop(&mut self, n: usize) {
+        let p = 1 - n;
+        let (prim, stby) = (&self.servers[n], &self.servers[p]);
+        let streams = !prim.in_recovery
+            && stby.in_recovery
+            && stby.running(self.now)
+            && prim.running(self.now)
+            && stby.wal.len() <= prim.wal.len()
+            && matches!(self.repl, Link::Up | Link::Slow);
+        if streams {
+            let rest = self.servers[n].wal[self.servers[p].wal.len()..].to_vec();
+            let tl = self.servers[n].timeline;
+            self.servers[p].wal.extend(rest);
+            self.servers[p].timeline = tl;
+        }
+        self.stop(n);
+        if self.hb[p] == Link::Up {
+            let now = self.now;
+            if let Some(w) = self.workers[p].as_mut() {
+                if w.keeper.mode().heartbeats() {
+                    w.announced = Some(now);
+                    if !w.keeper.mode().is_master() {
+                        // The standby's worker heartbeats at once (src/worker/mod.rs).
+                        w.last_tick = None;
+                    }
+                }
+            }
+        }
+    }
+
     fn stop(&mut self, n: usize) {
         self.servers[n].crash();
         self.workers[n] = None;
+        // A rejoin process waiting for this server goes on, however it stopped.
+        if std::mem::take(&mut self.rejoin_waiting[n]) {
+            self.rejoin_at[n] = Some(self.now + REJOIN_MS);
+        }
     }
 
     pub fn restart_worker(&mut self, n: usize) {

@@ -69,3 +69,21 @@ fn with_a_witness_every_short_schedule_is_safe() {
         Err(report) => panic!("{report}"),
     }
 }
+
+/// With `auto_rejoin` on both nodes (a superseded primary rewinds itself and starts as a
+/// standby, src/rejoin.rs): the same checks hold, and (c) also means the rejoined node is a
+/// standby again, not a second primary.
+#[test]
+fn with_auto_rejoin_no_schedule_loses_a_commit_or_gives_two_primaries() {
+    let c = Config {
+        auto_rejoin: true,
+        ..Config::default()
+    };
+    let (from, n) = (env("SIM_FROM", 0), env("SIM_SCHEDULES", 5000) / 5);
+    match search(&c, FaultSet::ALL, from, n) {
+        Ok(acks) => eprintln!(
+            "auto_rejoin: {n} schedules from seed {from}: {acks} acknowledged commits checked"
+        ),
+        Err(report) => panic!("{report}"),
+    }
+}
