@@ -57,6 +57,15 @@ fn signal_file_then_postmaster(name: &str, signal: i32) -> Result<(), String> {
     sys::signal(postmaster, signal).map_err(|e| format!("could not signal the postmaster: {e}"))
 }
 
+/// Wakes the startup process of this standby: when it waits out `wal_retrieve_retry_interval`
+/// after its WAL receiver could not connect, it tries again at once (it starts a new WAL
+/// receiver), as it does on a promotion request or a reload.
+pub fn wake_wal_receiver() {
+    // SAFETY: sets the startup process's latch in shared memory; harmless when it is not
+    // waiting (it then rechecks and waits again).
+    unsafe { pg_sys::WakeupRecovery() }
+}
+
 /// Removes a `promote` signal file left behind (the postmaster ignores it outside recovery).
 pub fn remove_promote_file() {
     let _ = std::fs::remove_file(PathBuf::from(data_directory()).join("promote"));

@@ -44,6 +44,19 @@ pub enum Beat {
     Interrupted,
 }
 
+/// What a server says, in English, when it goes down cleanly: a fast shutdown ends each
+/// session with this (SQLSTATE 57P01, as `pg_terminate_backend` does). An immediate shutdown,
+/// a crash or the postmaster's death says something else. "The database system is shutting
+/// down", which refuses new sessions, does not tell: an immediate shutdown says it too. A
+/// server whose messages are in another language gets no restart grace (the regular timing,
+/// as for a failure).
+const SHUTDOWN_PHRASES: &[&str] = &["terminating connection due to administrator command"];
+
+/// Whether a server's message announces a clean shutdown.
+pub fn announces_shutdown(message: &str) -> bool {
+    SHUTDOWN_PHRASES.iter().any(|p| message.contains(p))
+}
+
 impl Beat {
     /// The part of the beat the decision core looks at.
     pub fn for_core(&self) -> Option<Heartbeat> {
@@ -155,21 +168,26 @@ pub struct Node {
     /// The last message the node sent outside a query (a server that shuts down cleanly says
     /// so to its clients before closing); written by [`receive_notice`].
     notice: Box<Notice>,
+    /// The node announced a clean shutdown on a connection since this was last taken
+    /// ([`Node::take_announcement`]): between queries (the notice receiver) or as a query's
+    /// error, before the connection was replaced.
+    announced: bool,
 }
 
 #[derive(Default)]
 struct Notice {
     sqlstate: [u8; 5],
-    /// The backend ended because its postmaster died (also SQLSTATE 57P01, but a crash).
-    postmaster_gone: bool,
+    /// The message is the one of a clean shutdown (see [`SHUTDOWN_PHRASES`]), not, say, the
+    /// postmaster's death (also SQLSTATE 57P01, but a crash).
+    clean: bool,
 }
 
 impl Notice {
-    /// A clean shutdown announced by the server: SQLSTATE 57P01 (admin_shutdown) other than
-    /// the postmaster's death. With server messages in another language the second part cannot
-    /// be told, and the keeper falls back to its regular timing.
+    /// A clean shutdown announced by the server: SQLSTATE 57P01 (admin_shutdown) with the
+    /// message of a fast shutdown. With server messages in another language that cannot be
+    /// told, and the keeper falls back to its regular timing.
     fn announces_shutdown(&self) -> bool {
-        &self.sqlstate == b"57P01" && !self.postmaster_gone
+        &self.sqlstate == b"57P01" && self.clean
     }
 }
 
@@ -197,10 +215,7 @@ unsafe extern "C" fn receive_notice(arg: *mut std::ffi::c_void, res: *const pq::
             .copy_from_slice(CStr::from_ptr(code).to_bytes());
     }
     let text = pq::PQresultErrorField(res, pq::PG_DIAG_MESSAGE_PRIMARY as i32);
-    notice.postmaster_gone = !text.is_null()
-        && CStr::from_ptr(text)
-            .to_string_lossy()
-            .contains("postmaster exit");
+    notice.clean = !text.is_null() && announces_shutdown(&CStr::from_ptr(text).to_string_lossy());
 }
 
 impl Drop for Node {
@@ -231,6 +246,7 @@ impl Node {
             conninfo: CString::new(conninfo).unwrap_or_default(),
             conn: std::ptr::null_mut(),
             notice: Box::default(),
+            announced: false,
             asker: CString::default(),
         }
     }
@@ -285,6 +301,7 @@ impl Node {
             return Connection::Open;
         }
         let announced = self.notice.announces_shutdown();
+        self.announced |= announced;
         self.disconnect();
         if announced {
             Connection::ClosedByShutdown
@@ -460,6 +477,23 @@ impl Node {
         self.run_on(sql, params, deadline, false)
     }
 
+    /// Notes a clean shutdown announced by the node during a query: as the query's error, or
+    /// as a notice just before the connection broke.
+    fn note_announcement(&mut self, reply: &Result<Reply, Beat>) {
+        let said = match reply {
+            Ok(Reply::Error(msg)) | Err(Beat::NoAnswer(msg) | Beat::Refused(msg)) => {
+                announces_shutdown(msg)
+            }
+            _ => false,
+        };
+        self.announced |= said || self.notice.announces_shutdown();
+    }
+
+    /// Whether the node announced a clean shutdown since the last call.
+    pub fn take_announcement(&mut self) -> bool {
+        std::mem::take(&mut self.announced)
+    }
+
     /// Whether a connection is kept.
     pub fn is_connected(&self) -> bool {
         !self.conn.is_null()
@@ -477,6 +511,7 @@ impl Node {
             self.connect(deadline)?;
         }
         let mut reply = self.query(sql, params, deadline);
+        self.note_announcement(&reply);
         if retry && reused && matches!(reply, Err(Beat::NoAnswer(_))) && Instant::now() < deadline {
             let deadline_passed =
                 matches!(&reply, Err(Beat::NoAnswer(w)) if w.contains("deadline"));
@@ -484,6 +519,7 @@ impl Node {
                 reply = self
                     .connect(deadline)
                     .and_then(|()| self.query(sql, params, deadline));
+                self.note_announcement(&reply);
             }
         }
         if reply.is_err() {

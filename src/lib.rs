@@ -16,6 +16,7 @@ mod conninfo;
 mod db;
 mod heartbeat;
 mod identity;
+mod rejoin;
 mod resolve;
 mod serving;
 mod settings;

@@ -26,8 +26,12 @@ pub static KEEPALIVES_COUNT: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static WITNESS_CONNINFO: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static AFTER_COMMAND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static AFTER_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(60);
+static RESTART_GRACE: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_RESTART_GRACE_MS);
+/// `pg_keeper.restart_grace` by default: 30 s, in milliseconds.
+pub const DEFAULT_RESTART_GRACE_MS: i32 = 30_000;
 pub static SYNC_RESTORE: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static ALLOW_DATA_LOSS_FAILOVER: GucSetting<bool> = GucSetting::<bool>::new(false);
+static AUTO_REJOIN: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// In kB, as PostgreSQL stores memory settings.
 pub static SYNC_RESTORE_LAG: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 pub static DATABASE: GucSetting<Option<CString>> =
@@ -149,6 +153,24 @@ pub fn register() {
         c"Restore synchronous replication once a lost standby is back and has caught up.",
         c"Off keeps replication asynchronous until an operator acts.",
         &SYNC_RESTORE,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_keeper.restart_grace",
+        c"How long a standby waits for a primary that announced a clean shutdown before counting failed heartbeats.",
+        c"A planned restart (pg_ctl restart) is then not failed over; a crash or an immediate shutdown is counted at once. 0 counts at once.",
+        &RESTART_GRACE,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_keeper.auto_rejoin",
+        c"A primary superseded by a failover rewinds itself and starts again as a standby of the new primary.",
+        c"Off (the default) fences it and leaves the rejoin to an operator (bin/rejoin). Never for a node the witness lease names as its holder.",
+        &AUTO_REJOIN,
         GucContext::Sighup,
         GucFlags::default(),
     );
@@ -340,6 +362,10 @@ pub struct Settings {
     pub sync_restore: bool,
     pub sync_restore_lag_bytes: i64,
     pub allow_data_loss_failover: bool,
+    /// `pg_keeper.restart_grace`.
+    pub restart_grace: Duration,
+    /// `pg_keeper.auto_rejoin`.
+    pub auto_rejoin: bool,
     /// `pg_keeper.witness_conninfo`, when set.
     pub witness: Option<String>,
     /// Warnings about how the settings were combined (old and new spellings).
@@ -404,6 +430,8 @@ impl Settings {
             after_command_timeout: Duration::from_secs(AFTER_COMMAND_TIMEOUT.get().max(1) as u64),
             sync_restore: SYNC_RESTORE.get(),
             allow_data_loss_failover: ALLOW_DATA_LOSS_FAILOVER.get(),
+            restart_grace: Duration::from_millis(RESTART_GRACE.get().max(0) as u64),
+            auto_rejoin: AUTO_REJOIN.get(),
             sync_restore_lag_bytes: SYNC_RESTORE_LAG.get() as i64 * 1024,
             witness: string_setting(&WITNESS_CONNINFO),
             warnings,
@@ -440,10 +468,11 @@ impl Settings {
             None => "; no witness".into(),
         };
         format!(
-            "keepalive_time={}ms keepalive_count={} (failover after about {}ms without an answer{witness})",
+            "keepalive_time={}ms keepalive_count={} (failover after about {}ms without an answer{witness}); restart_grace={}ms",
             self.keepalive_time.as_millis(),
             self.keepalive_count,
-            self.keepalive_time.as_millis() * self.keepalive_count as u128
+            self.keepalive_time.as_millis() * self.keepalive_count as u128,
+            self.restart_grace.as_millis()
         )
     }
 }

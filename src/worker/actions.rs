@@ -49,6 +49,11 @@ impl Worker {
                 serving::resume();
                 Ok(())
             }
+            Action::Rejoin => self.rejoin(),
+            Action::WakeWalReceiver => {
+                actuators::wake_wal_receiver();
+                Ok(())
+            }
             Action::RunAfterCommand(event) => self.run_after_command(event),
         }
     }
@@ -122,6 +127,37 @@ impl Worker {
                 "To rejoin it as a standby of the new primary, run: bin/rejoin --datadir {} --primary '{peer}' --name {me}",
                 actuators::data_directory()
             )),
+        );
+        Ok(())
+    }
+
+    /// Starts the process that rejoins this server as a standby of the new primary once it has
+    /// stopped (the fence, next, stops it).
+    fn rejoin(&self) -> Result<(), String> {
+        let Some(id) = &self.identity else {
+            return Err("this node is not identified".into());
+        };
+        let shown = Conninfo::parse(&id.peer_conninfo)?.redacted();
+        // SAFETY: a plain global of the postmaster, set before any worker starts.
+        let port = unsafe { pgrx::pg_sys::PostPortNumber };
+        let log = crate::rejoin::log_file(port);
+        let datadir = actuators::data_directory();
+        let pid = crate::rejoin::start(&crate::rejoin::Plan {
+            datadir: &datadir,
+            primary: &id.peer_conninfo,
+            primary_shown: &shown,
+            name: id.me_name,
+            log: &log,
+        })?;
+        self.event(
+            "rejoin_started",
+            Level::Log,
+            &format!(
+                "auto_rejoin: started the rejoin process (pid {pid}): once this server has stopped, it rewinds it from the new primary ({shown}) and starts it as its standby {}, writing to {}",
+                id.me_name,
+                log.display()
+            ),
+            None,
         );
         Ok(())
     }

@@ -60,6 +60,9 @@ struct Worker {
     /// The next tick comes after this rather than a full interval (once): soon after a first
     /// hold by the WAL receiver guard, or when the lease that holds a promotion expires.
     recheck_after: Option<Duration>,
+    /// When the kept connection to the peer was closed with a clean shutdown announcement,
+    /// if it was since the last tick.
+    peer_announced_shutdown_ms: Option<u64>,
     /// The connection to the witness, when one is configured.
     witness: Option<Witness>,
     /// The lease as last seen on the witness.
@@ -90,6 +93,7 @@ impl Worker {
             started: Instant::now(),
             last_tick: None,
             recheck_after: None,
+            peer_announced_shutdown_ms: None,
             witness: None,
             lease: None,
             witness_down_since: None,
@@ -192,12 +196,22 @@ impl Worker {
                 .map_or(Connection::Lost, |p| p.check_connection());
             match state {
                 Connection::Open => {}
-                // A planned restart of the peer keeps the usual timing.
-                Connection::ClosedByShutdown => self.log(
-                    Level::Log,
-                    "the peer is shutting down; heartbeating it at the usual interval",
-                    None,
-                ),
+                // A planned restart of the peer: the core decides what it means (a standby
+                // waits out pg_keeper.restart_grace before counting failures).
+                Connection::ClosedByShutdown => {
+                    self.peer_announced_shutdown_ms = Some(self.now_ms());
+                    if self.keeper.mode().is_master() {
+                        self.log(
+                            Level::Log,
+                            "the peer is shutting down; heartbeating it at the usual interval",
+                            None,
+                        );
+                    } else {
+                        // Heartbeat at once: the grace starts now, and the primary is then
+                        // polled quickly to see it back.
+                        self.last_tick = None;
+                    }
+                }
                 Connection::Lost => {
                     self.log(
                         Level::Debug,
@@ -213,6 +227,8 @@ impl Worker {
     fn tick_interval(&self) -> Duration {
         if self.keeper.mode() == Mode::Promoting {
             FAST_POLL
+        } else if self.keeper.polls_fast(self.now_ms(), &self.core_settings()) {
+            self.settings.keepalive_time.min(FAST_POLL)
         } else if let Some(soon) = self.recheck_after {
             self.settings.keepalive_time.min(soon)
         } else {
@@ -274,6 +290,8 @@ impl Worker {
             allow_data_loss_failover: self.settings.allow_data_loss_failover,
             keepalive_count: self.settings.keepalive_count,
             keepalive_time_ms: self.settings.keepalive_time.as_millis() as u64,
+            restart_grace_ms: self.settings.restart_grace.as_millis() as u64,
+            auto_rejoin: self.settings.auto_rejoin,
             promote_timeout_ms: PROMOTE_AGAIN_AFTER.as_millis() as u64,
             me_name: me,
             peer_name: peer,
@@ -295,8 +313,13 @@ impl Worker {
         self.serve_deadline().map_or(interval, |d| d.min(interval))
     }
 
+    /// Milliseconds on the worker's monotonic clock (the core's clock).
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
     fn tick(&mut self) {
-        let tick_started_ms = self.started.elapsed().as_millis() as u64;
+        let tick_started_ms = self.now_ms();
         if let Some(d) = self.keeper.serve_deadline_ms(&self.core_settings()) {
             self.log(
                 Level::Debug,

@@ -72,6 +72,12 @@ impl Worker {
             Some(Beat::Answered(f)) => Some(f),
             _ => None,
         };
+        // Announced between ticks (the kept session was ended), or during this tick's heartbeat.
+        let during_tick = self.peer.as_mut().is_some_and(|p| p.take_announcement());
+        let announced = self
+            .peer_announced_shutdown_ms
+            .take()
+            .or(during_tick.then_some(tick_started_ms));
         let my_timeline = actuators::timeline();
         let wal_receiver_recent = in_recovery && self.wal_receiver_recent();
         let answered_by_primary = facts.is_some_and(|f| in_recovery && !f.in_recovery);
@@ -107,6 +113,7 @@ impl Worker {
             standby_caught_up: replication.view.caught_up,
             wal_receiver_recent,
             lease,
+            peer_announced_shutdown_ms: announced,
             ..Observation::default()
         };
         let answer = facts.map(|f| keeper_core::PeerAnswer {
