@@ -176,3 +176,26 @@ fn two_failovers_in_a_row_end_with_one_primary_and_one_streaming_standby() {
         "{a:?}"
     );
 }
+
+/// With a witness, a superseded primary that holds the lease is never rejoined: node2 promoted
+/// by hand (outside the keeper) while node1 renews its lease; node1 finds a newer primary,
+/// fences itself, and leaves the rewind to an operator (its commits under the lease would be
+/// thrown away).
+#[test]
+fn the_lease_holder_is_fenced_but_never_rejoined() {
+    let pp = ProxiedPair::connected_with_witness("rejoin-holder", rejoining());
+    let (node1, node2) = (&pp.pair.node1, &pp.pair.node2);
+    node2.sql("SELECT pg_promote()").unwrap();
+    node1.expect_log("superseded: node2", Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(30), || node1.postmaster_pid().is_none()),
+        "node1 did not fence itself"
+    );
+    // Long enough for a rejoin process to have started, rewound and started the server.
+    sleep(Duration::from_secs(8));
+    let log = node1.log_text();
+    assert!(node1.postmaster_pid().is_none(), "node1 runs again:\n{log}");
+    assert!(!log.contains("auto_rejoin:"), "{log}");
+    assert!(log.contains("HINT:  To rejoin it as a standby"), "{log}");
+    eprintln!("[rejoin-holder] lease at the end: {:?}", pp.lease());
+}

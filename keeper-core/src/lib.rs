@@ -275,6 +275,9 @@ pub struct Observation {
     /// since the last tick (its server ended the kept session as a fast shutdown does, or
     /// refused the heartbeat as shutting down), if it was.
     pub peer_announced_shutdown_ms: Option<u64>,
+    /// This tick's heartbeat waited out its deadline (a hung or unreachable peer, not one that
+    /// refuses at once).
+    pub heartbeat_timed_out: bool,
 }
 
 /// What the peer said of itself in its heartbeat answer, as the heartbeat query returns it.
@@ -959,6 +962,12 @@ impl Keeper {
                     back_ms: None,
                 });
             }
+        }
+        // A server that restarts refuses or answers at once; one that lets a heartbeat wait
+        // out its deadline is hung or cut off, whatever it said before (its heartbeat session
+        // ended by pg_terminate_backend says the same words as a shutdown): no grace.
+        if obs.heartbeat_timed_out && self.restart.is_some_and(|r| r.back_ms.is_none()) {
+            self.restart = None;
         }
     }
 

@@ -32,6 +32,7 @@ fn tick(now_ms: u64, in_recovery: bool, hb: Option<Heartbeat>) -> Input {
         peer_uses_witness: None,
         lease: Lease::NotConfigured,
         peer_announced_shutdown_ms: None,
+        heartbeat_timed_out: false,
     })
 }
 
@@ -450,6 +451,7 @@ fn every_row_is_reachable_from_some_input() {
                                     lease: lease.clone(),
                                     peer_announced_shutdown_ms: (now_ms == 0 && !restore)
                                         .then_some(0),
+                                    heartbeat_timed_out: false,
                                 }));
                             }
                         }
@@ -528,6 +530,7 @@ fn catch_up_tick(now_ms: u64, caught_up: bool) -> Input {
         peer_uses_witness: None,
         lease: Lease::NotConfigured,
         peer_announced_shutdown_ms: None,
+        heartbeat_timed_out: false,
     })
 }
 
@@ -676,6 +679,7 @@ fn standby_tick(
         peer_uses_witness: None,
         lease: Lease::NotConfigured,
         peer_announced_shutdown_ms: None,
+        heartbeat_timed_out: false,
     })
 }
 
@@ -804,6 +808,7 @@ fn a_standby_that_answers_but_does_not_stream_counts_as_a_failure_for_the_primar
             peer_uses_witness: None,
             lease: Lease::NotConfigured,
             peer_announced_shutdown_ms: None,
+            heartbeat_timed_out: false,
         })
     };
     let d = k.step(&answered_not_streaming(1), &s);
@@ -1661,6 +1666,7 @@ fn restart_tick(
     match standby_tick(now_ms, hb, streaming, Some(true)) {
         Input::Tick(obs) => Input::Tick(Observation {
             peer_announced_shutdown_ms: announced,
+            heartbeat_timed_out: false,
             ..obs
         }),
         other => other,
@@ -1772,6 +1778,7 @@ fn without_an_announcement_or_a_grace_or_on_the_primary_a_loss_counts_at_once() 
             &Input::Tick(Observation {
                 standby_streaming: false,
                 peer_announced_shutdown_ms: Some(50),
+                heartbeat_timed_out: false,
                 ..obs
             }),
             &s,
@@ -1890,4 +1897,30 @@ fn a_rejoin_process_that_cannot_start_still_fences() {
         (E::RejoinFailed, Fenced, vec![Fence])
     );
     assert_eq!(k.next_action(), Some(Fence));
+}
+
+#[test]
+fn a_heartbeat_that_times_out_ends_the_restart_grace() {
+    // The kept session was ended with the words of a shutdown (pg_terminate_backend, say), but
+    // the primary does not answer at all: hung, not restarting.
+    let (mut k, s) = standby_connected(1);
+    let s = with_grace(s, 30_000);
+    let timed_out =
+        |now: u64, announced: Option<u64>| match restart_tick(now, no_answer(), false, announced) {
+            Input::Tick(obs) => Input::Tick(Observation {
+                heartbeat_timed_out: true,
+                ..obs
+            }),
+            other => other,
+        };
+    let d = k.step(&timed_out(100, Some(90)), &s);
+    assert_eq!((d.event, d.to), (E::PeerLost, Promoting));
+    // A refusal in the grace is forgiven, then a timeout is counted.
+    let (mut k, s) = standby_connected(2);
+    let s = with_grace(s, 30_000);
+    let d = k.step(&restart_tick(100, no_answer(), false, Some(90)), &s);
+    assert_eq!(d.event, E::PeerRestarting);
+    let d = k.step(&timed_out(1100, None), &s);
+    assert_eq!(d.event, E::HeartbeatFailed);
+    assert!(!k.polls_fast(1100, &s));
 }

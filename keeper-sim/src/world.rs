@@ -112,6 +112,8 @@ struct Partial {
     standby: Option<StandbySeen>,
     replies_recent: bool,
     heartbeat: Option<Heartbeat>,
+    /// The heartbeat waited out its deadline.
+    timed_out: bool,
     peer: Option<PeerFacts>,
     wal_receiver_recent: bool,
     lease: Lease,
@@ -606,6 +608,7 @@ impl World {
             insert_lsn,
             standby,
             replies_recent,
+            timed_out: matches!(&heartbeat, Some(Heartbeat::NoAnswer(why)) if why == "timeout"),
             heartbeat,
             peer,
             wal_receiver_recent: false,
@@ -813,6 +816,7 @@ impl World {
             wal_receiver_recent: tick.wal_receiver_recent,
             lease: tick.lease,
             peer_announced_shutdown_ms: self.worker(n).announced.take(),
+            heartbeat_timed_out: tick.timed_out,
             ..Observation::default()
         };
         let answer = facts.map(|f| PeerAnswer {
