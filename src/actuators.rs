@@ -103,7 +103,20 @@ pub fn timeline() -> u32 {
             pg_sys::GetXLogReplayRecPtr(&mut tli);
             tli
         } else {
-            pg_sys::GetWALInsertionTimeLine()
+            insertion_timeline()
         }
     }
+}
+
+/// The timeline WAL is written on, outside recovery. PostgreSQL 15 added a function for it; in
+/// 14 the process's `ThisTimeLineID`, which `RecoveryInProgress()` (called just before) set
+/// when it saw recovery had ended, holds it.
+#[cfg(not(feature = "pg14"))]
+unsafe fn insertion_timeline() -> u32 {
+    pg_sys::GetWALInsertionTimeLine()
+}
+
+#[cfg(feature = "pg14")]
+unsafe fn insertion_timeline() -> u32 {
+    pg_sys::ThisTimeLineID
 }

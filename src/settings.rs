@@ -208,7 +208,16 @@ pub fn register() {
         GucContext::Sighup,
         not_in_sample() | GucFlags::SUPERUSER_ONLY,
     );
-    unsafe { pg_sys::MarkGUCPrefixReserved(c"pg_keeper".as_ptr()) };
+    // Misspelled pg_keeper.* settings are reported. PostgreSQL 15 renamed the call and made it
+    // also remove them.
+    #[cfg(not(feature = "pg14"))]
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(c"pg_keeper".as_ptr())
+    };
+    #[cfg(feature = "pg14")]
+    unsafe {
+        pg_sys::EmitWarningsOnPlaceholders(c"pg_keeper".as_ptr())
+    };
 }
 
 /// Sets the detail of a check hook's rejection.

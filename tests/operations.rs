@@ -199,7 +199,10 @@ fn a_pause_with_an_interval_ends_by_itself() {
 }
 
 fn script(name: &str) -> std::process::Command {
-    std::process::Command::new(format!("{}/bin/{name}", env!("CARGO_MANIFEST_DIR")))
+    let mut cmd = std::process::Command::new(format!("{}/bin/{name}", env!("CARGO_MANIFEST_DIR")));
+    // The scripts use the PostgreSQL the tests run.
+    cmd.env("PGBIN", common::BIN.to_string());
+    cmd
 }
 
 /// Runs bin/rejoin; returns its output, or panics with it.

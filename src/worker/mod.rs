@@ -350,6 +350,18 @@ impl Worker {
     }
 
     fn identify(&mut self, in_recovery: bool) {
+        // PostgreSQL 17's allow_alter_system = off would make every switch to async and back
+        // fail at failover time: refuse to protect the server now, and say what to set.
+        if crate::db::setting(c"allow_alter_system") == "off" {
+            let message = "allow_alter_system is off, so this keeper could not switch synchronous_standby_names to async when the standby is lost, nor restore it (both use ALTER SYSTEM); not protecting this server".to_string();
+            self.problems.identity = Some(message.clone());
+            self.identity_hint = Some(
+                "Set allow_alter_system = on (the keeper changes only synchronous_standby_names and pg_keeper.saved_synchronous_standby_names in postgresql.auto.conf) and reload.".into(),
+            );
+            let d = self.step(&Input::IdentityProblem(message));
+            self.report(&d);
+            return;
+        }
         match identity::identify(&self.settings, self.settings.keepalive_time) {
             identity::Outcome::Found(id, peer) => {
                 // The first heartbeat follows at once: a returning old primary must learn quickly

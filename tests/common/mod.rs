@@ -1,4 +1,4 @@
-//! Test harness: real PostgreSQL 15 servers, run as the `postgres` OS user, on 127.0.0.1 with free
+//! Test harness: real PostgreSQL servers (15, or the major `PG_KEEPER_PG_BIN` points at), run as the `postgres` OS user, on 127.0.0.1 with free
 //! ports, each pair in a fresh directory of its own. Dropping a [`Pair`] (or [`Single`]) stops
 //! every server and removes the directory, also when the test panicked. Every wait is bounded.
 
@@ -13,7 +13,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The directory of the PostgreSQL programs the tests run: `PG_KEEPER_PG_BIN` (for another
+/// major installed by `bin/setup --pg N`), else the system's PostgreSQL 15. Used as `{BIN}` in
+/// paths.
+pub static BIN: Bin = Bin;
+
+pub struct Bin;
+
+impl std::fmt::Display for Bin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        static DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        f.write_str(DIR.get_or_init(|| {
+            std::env::var("PG_KEEPER_PG_BIN")
+                .ok()
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into())
+        }))
+    }
+}
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// Polls `f` every 100ms until it is true or `timeout` passes; returns whether it became true.
