@@ -1,6 +1,6 @@
 """The measurements: primary crash, standby crash, frozen primary (SIGSTOP), cut link between the
-nodes (through proxies), keeper overhead (CPU, memory and WAL while heartbeating), and pgbench
-throughput with and without the extension.
+nodes (through proxies), planned restarts of the primary (pg_ctl restart -m fast), keeper overhead
+(CPU, memory and WAL while heartbeating), and pgbench throughput with and without the extension.
 
 Each trial returns a dict of figures (seconds, counts, MB) or raises; the caller records a
 raised error as a failed repetition and goes on.
@@ -253,20 +253,22 @@ SERVER_EVENTS = ("promote", "waiting for WAL", "redo done", "archive recovery co
                  "selected new timeline", "could not receive data", "could not connect to the primary")
 
 
-def _keeper_log(pair: Pair, since: float, watch: "LeaseWatch | None" = None) -> list[str]:
-    """The keepers' log lines and the server's recovery lines from 1 s before `since` on, with
-    times relative to `since`; with a witness also its errors and the versions of the lease that
-    `watch` saw."""
+def _keeper_log(pair: Pair, since: float, watch: "LeaseWatch | None" = None, until: float | None = None,
+                events: tuple[str, ...] = SERVER_EVENTS) -> list[str]:
+    """The keepers' log lines and the server's lines that contain one of `events` (by default the
+    recovery lines) from 1 s before `since` on (up to `until`, if given), with times relative to
+    `since`; with a witness also its errors and the versions of the lease that `watch` saw."""
     out = []
     for n in pair.nodes:
         for ln in parse_log(n.log):
-            if ln.t < since - 1.0:
+            if ln.t < since - 1.0 or (until is not None and ln.t > until):
                 continue
-            if "pg_keeper:" in ln.text or any(e in ln.text for e in SERVER_EVENTS):
+            if "pg_keeper:" in ln.text or any(e in ln.text for e in events):
                 out.append((ln.t, f"{n.name} {ln.t - since:+8.3f}s {ln.text}"))
     if pair.witness is not None:
         for ln in parse_log(pair.witness.log):
-            if ln.t >= since - 1.0 and ln.text.startswith(("WARNING", "ERROR", "FATAL", "PANIC")):
+            if (ln.t >= since - 1.0 and (until is None or ln.t <= until)
+                    and ln.text.startswith(("WARNING", "ERROR", "FATAL", "PANIC"))):
                 out.append((ln.t, f"witness {ln.t - since:+8.3f}s {ln.text}"))
     if watch is not None:
         out.extend(watch.describe(since))
@@ -660,6 +662,225 @@ def cut_link(reg: Registry, s: Setting, log_sink: list[str]) -> dict:
                             + (f"; healed at {t_heal - t_cut:+.3f}s)" if t_heal else ")"))
             log_sink.extend(_keeper_log(pair, t_cut))
         pair.destroy()
+
+
+# ---------------------------------------------------------------- planned restart of the primary
+
+# Server lines of a planned restart, for keeper_lines.log (besides every keeper line).
+RESTART_EVENTS = ("fast shutdown request", "shutting down", "database system is shut down", "ready to accept",
+                  "started streaming", "could not connect to the primary", "could not receive data",
+                  "replication terminated", "terminating walreceiver", "canceling the wait for synchronous",
+                  "promote", "selected new timeline")
+
+
+def _outage_gap(times: list[float], t_cmd: float, t_done: float) -> tuple[float, float] | None:
+    """(start, end) of the longest gap between consecutive acknowledged commits from the last one
+    before the restart command up to the first one after the command returned: the client may
+    still commit in the few milliseconds before the shutdown begins."""
+    before = [t for t in times if t <= t_cmd]
+    after = [t for t in times if t > t_done]
+    if not before or not after:
+        return None
+    seq = [before[-1]] + [t for t in times if t_cmd < t <= t_done] + [after[0]]
+    return max(zip(seq, seq[1:]), key=lambda ab: ab[1] - ab[0])
+
+
+class PlannedRestarts:
+    """Planned restarts of the primary (`pg_ctl restart -m fast` of node1) on one pair per
+    setting, under the multihost client of the primary crash, which commits all along.
+
+    A fast shutdown announces itself to the standby's keeper (SQLSTATE 57P01 on its heartbeat
+    session); the keeper then does not count failed heartbeats for pg_keeper.restart_grace, polls
+    the primary every 100 ms and, once it answers, wakes the standby's startup process so that the
+    WAL receiver reconnects at once rather than after wal_retrieve_retry_interval. Commits wait for
+    the synchronous standby, so they stop for the restart plus that reconnection. No restart may
+    fail over (node2 must stay in recovery) and no acknowledged commit may be lost.
+
+    `one_restart()` measures one restart (after waiting until the pair is synchronous and steady
+    again, and a random point of the heartbeat cycle). After a failover or a failed restart the
+    pair is finished and the next restart gets a fresh one. `finish()` stops the client, checks
+    that every acknowledged commit is on the primary, and destroys the pair."""
+
+    def __init__(self, reg: Registry, s: Setting, log_sink: list[str]):
+        self.reg, self.s, self.log_sink = reg, s, log_sink
+        self.pair: Pair | None = None
+        self.w: Writer | None = None
+        self.restarts = 0
+        self.pairs = 0
+        self.failovers = 0
+        self.acked = 0
+        self.client_failures = 0
+        self.lost_at_end = 0
+        self.check_errors: list[str] = []
+        self._missing_seen: set[int] = set()
+
+    @property
+    def limit(self) -> float:
+        # The grace (30 s by default) plus the budget bounds a restart that is failed over.
+        return max(self.s.budget, self.s.lease or 0.0) + 60
+
+    def _start_pair(self) -> None:
+        s = self.s
+        self.pairs += 1
+        self._missing_seen = set()
+        self.pair = make_pair(self.reg, f"restart-{s.slug}" + (f"-{self.pairs}" if self.pairs > 1 else ""),
+                              s.ktime_ms, s.kcount, witness=s.witness)
+        try:
+            self.pair.node1.query(CREATE_TABLE)
+            self.w = Writer(self.pair.multihost())
+            self.w.start()
+            if not wait_until(20, lambda: len(self.w.acks) >= 50, 0.05):
+                raise BenchError(f"the client made only {len(self.w.acks)} commits in 20s "
+                                 f"(last error: {self.w.failures[-1][1] if self.w.failures else 'none'})")
+        except BaseException:
+            self._end_pair()
+            raise
+
+    @staticmethod
+    def _primary(pair: Pair) -> Node | None:
+        for n in pair.nodes:
+            try:
+                if n.query("SELECT pg_is_in_recovery()")[0][0] is False:
+                    return n
+            except Exception:
+                pass
+        return None
+
+    def _end_pair(self) -> None:
+        """Stops the client, counts the acknowledged commits missing on the pair's primary
+        (node2 after a failover) and destroys the pair."""
+        pair, w = self.pair, self.w
+        self.pair = self.w = None
+        if pair is None:
+            return
+        try:
+            stop_writer(w)
+            if w is not None:
+                self.acked += len(w.acks)
+                self.client_failures += len(w.failures)
+                primary = self._primary(pair)
+                if primary is None:
+                    self.check_errors.append(f"pair {self.pairs}: no primary to check the commits on")
+                else:
+                    try:
+                        self.lost_at_end += missing_acked(primary, w)[0]
+                    except Exception as e:
+                        self.check_errors.append(f"pair {self.pairs}: {type(e).__name__}: {e}")
+        finally:
+            pair.destroy()
+
+    def _missing_now(self, node: Node, w: Writer) -> int:
+        """Acknowledged ids missing on `node` while the client goes on writing, not counted by an
+        earlier call: the acknowledged ids are taken before the query, so every one of them had
+        committed before it."""
+        acked = {a[0] for a in list(w.acks)}
+        present = {r[0] for r in node.query("SELECT id FROM bench_writes", timeout=5)}
+        new = acked - present - self._missing_seen
+        self._missing_seen |= new
+        return len(new)
+
+    def one_restart(self) -> dict:
+        if self.pair is None:
+            self._start_pair()
+        pair, w, s = self.pair, self.w, self.s
+        n1, n2 = pair.node1, pair.node2
+        label = f"restart-{s.slug}"
+        ktime = s.ktime_ms / 1000.0
+        self.restarts += 1
+        t_cmd = None
+        try:
+            # Synchronous and steady (keepers connected, node1 trusting node2) and committing; then
+            # one keepalive_time, so that node2 has heard the trust and could promote, and a random
+            # fraction of one, so that the restart lands anywhere in the heartbeat cycle.
+            pair.wait_steady(label, self.limit)
+            if not wait_until(10, lambda: w.acks_since(time.time() - 0.5, n1.port), 0.02):
+                raise BenchError(f"the client commits nothing on node1 (last error: "
+                                 f"{w.failures[-1][1] if w.failures else 'none'})")
+            time.sleep(ktime + 0.1 + random.uniform(0, ktime))
+            t_cmd, t_done = n1.restart()
+            if not wait_until(self.limit, lambda: w.acks_since(t_done), 0.01):
+                raise BenchError(f"no commit acknowledged within {self.limit:.0f}s after pg_ctl restart returned "
+                                 f"(node1 title {n1.title()}, node2 title {n2.title()}, last client error: "
+                                 f"{w.failures[-1][1] if w.failures else 'none'})")
+            time.sleep(0.2)
+            gap = _outage_gap([a[1] for a in list(w.acks)], t_cmd, t_done)
+            if gap is None:
+                raise BenchError("no commit acknowledged before the restart")
+            try:
+                in_recovery = n2.query("SELECT pg_is_in_recovery()")[0][0]
+            except Exception:
+                in_recovery = None
+            promoting = n2.first_line("lost; promoting", t_cmd)
+            node2_acks = len(w.acks_since(t_cmd, n2.port))
+            failover = int(in_recovery is False or promoting is not None or node2_acks > 0)
+            announced = n2.first_line("announced a clean shutdown", t_cmd)
+            back = n2.first_line("is back after its restart", t_cmd)
+            streaming = n2.first_line("started streaming WAL", t_cmd, keeper_only=False)
+            down = n1.first_line("received fast shutdown request", t_cmd, keeper_only=False)
+            ready = (n1.first_line("database system is ready to accept connections", down.t, keeper_only=False)
+                     if down else None)
+            result = {
+                "restart_s": t_done - t_cmd,
+                "outage_s": gap[1] - gap[0],
+                # the outage's ends relative to the restart command
+                "writes_stopped_s": gap[0] - t_cmd,
+                "writes_resumed_s": gap[1] - t_cmd,
+                "resumed_after_pg_ctl_s": gap[1] - t_done,
+                "server_down_s": (ready.t - down.t) if down and ready else float("nan"),
+                "grace_line_s": (announced.t - t_cmd) if announced else float("nan"),
+                "woken_line_s": (back.t - t_cmd) if back else float("nan"),
+                "node2_streaming_s": (streaming.t - t_cmd) if streaming else float("nan"),
+                "failover": failover,
+                "node2_acks": node2_acks,
+            }
+            if failover:
+                # Must not happen. The pair is finished (the commits are checked on whichever
+                # node is the primary) and the next restart gets a fresh one.
+                self.failovers += 1
+                self._log(pair, t_cmd, time.time())
+                self._end_pair()
+                result["lost_commits"] = float("nan")  # counted at the end
+                return result
+            pair.wait_steady(label, self.limit)
+            t_steady = time.time()
+            result["steady_again_s"] = t_steady - t_cmd
+            result["lost_commits"] = self._missing_now(n1, w)
+            self._log(pair, t_cmd, t_steady)
+            return result
+        except BaseException:
+            if t_cmd is not None:
+                self._log(pair, t_cmd, time.time())
+            self._end_pair()
+            raise
+
+    def _log(self, pair: Pair, t_cmd: float, until: float) -> None:
+        """The keepers' lines and the server's restart lines of one restart, for keeper_lines.log
+        (before the pair, and its logs, are removed)."""
+        self.log_sink.append(f"## planned restart {self.s.label} #{self.restarts} (pair {self.pairs}; times "
+                             "relative to the restart command)")
+        self.log_sink.extend(_keeper_log(pair, t_cmd, until=until + 0.2, events=RESTART_EVENTS))
+
+    def finish(self) -> dict:
+        self._end_pair()
+        result = {
+            "lost_commits": self.lost_at_end if not self.check_errors else float("nan"),
+            "restarts": self.restarts,
+            "failovers": self.failovers,
+            "pairs": self.pairs,
+            "acked_commits": self.acked,
+            "client_failures": self.client_failures,
+        }
+        if self.check_errors:
+            raise BenchError(f"could not check the acknowledged commits: {'; '.join(self.check_errors)}; "
+                             f"figures: {result}")
+        return result
+
+    def destroy(self) -> None:
+        pair, self.pair = self.pair, None
+        stop_writer(self.w)
+        self.w = None
+        if pair is not None:
+            pair.destroy()
 
 
 # ---------------------------------------------------------------- 3. overhead of the keeper

@@ -3,9 +3,10 @@
 Sets up real primary/standby pairs of the installed PostgreSQL 15 with the installed extension
 (with a setting like '1s x 3 + witness', also a third plain server as the keepers' witness),
 crashes them with kill -9 under a writing client, freezes the primary (SIGSTOP), cuts the link
-between the nodes (through proxies), measures the keepers' CPU and memory while they
-heartbeat, and compares pgbench throughput with and without the extension. Writes results.csv,
-outage.png, summary.md and keeper_lines.log to the output directory (--results/--out, default
+between the nodes (through proxies), restarts the primary as planned (pg_ctl restart -m fast),
+measures the keepers' CPU and memory while they heartbeat, and compares pgbench throughput with
+and without the extension. Writes results.csv, outage.png (crashes), restart.png (planned
+restarts), summary.md and keeper_lines.log to the output directory (--results/--out, default
 bench/results).
 """
 
@@ -31,13 +32,15 @@ import pgpair  # noqa: E402
 from pgpair import BIN, Registry  # noqa: E402
 
 DEFAULT_SETTINGS = "5s x 1, 1s x 3, 200ms x 3, 100ms x 3"
-EXPERIMENTS = ("primary", "standby", "frozen", "cut", "overhead", "pgbench")
+EXPERIMENTS = ("primary", "standby", "frozen", "cut", "restart", "overhead", "pgbench")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="bench/run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=3, help="repetitions of each measurement (default 3)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="repetitions of each measurement (default 3); for 'restart', the planned restarts "
+                        "per setting, all on one pair")
     p.add_argument("--quick", action="store_true", help="one repetition of everything (same as --reps 1)")
     p.add_argument("--settings", default=DEFAULT_SETTINGS,
                    help=f"comma-separated keepalive_time x keepalive_count, each optionally followed by "
@@ -222,6 +225,19 @@ def main(argv) -> int:
             for rep in range(1, args.reps + 1):
                 for s in args.settings:
                     run.trial("cut_link", s, rep, lambda: ex.cut_link(reg, s, run.keeper_lines))
+        if "restart" in args.only:
+            print(f"planned restart (pg_ctl restart -m fast of the primary under a writing client; "
+                  f"{args.reps} per setting on one pair):", flush=True)
+            for s in args.settings:
+                pr = ex.PlannedRestarts(reg, s, run.keeper_lines)
+                try:
+                    for rep in range(1, args.reps + 1):
+                        run.trial("planned_restart", s, rep, pr.one_restart)
+                except BaseException:
+                    pr.destroy()
+                    raise
+                # The client stops; every acknowledged commit must be on the primary.
+                run.trial("planned_restart_end", s, 1, pr.finish)
         if "overhead" in args.only:
             print(f"overhead (one idle pair per setting, {args.reps} window(s) of {args.duration:g}s):", flush=True)
             pairs = ex.overhead_start(reg, args.settings)
@@ -304,14 +320,21 @@ def main(argv) -> int:
     report.write_csv(os.path.join(args.results, "results.csv"), run.records)
     with open(os.path.join(args.results, "keeper_lines.log"), "w") as f:
         f.write("\n".join(run.keeper_lines) + "\n")
-    try:
-        report.chart(os.path.join(args.results, "outage.png"), run.records, args.settings)
-    except Exception as e:
-        print(f"could not draw the chart: {e}", flush=True)
+    charts = []
+    ran = {r["experiment"] for r in run.records}
+    if ran & {"primary_crash", "standby_crash"} or not ran & {"planned_restart"}:
+        charts.append(("outage.png", report.chart))
+    if "planned_restart" in ran:
+        charts.append(("restart.png", report.restart_chart))
+    for name, draw in charts:
+        try:
+            draw(os.path.join(args.results, name), run.records, args.settings)
+        except Exception as e:
+            print(f"could not draw {name}: {e}", flush=True)
     text = report.summary(os.path.join(args.results, "summary.md"), run.records, args.settings,
                           machine_info(), run_info)
     print("\n" + text + "\n")
-    print(f"wrote {args.results}/results.csv, outage.png, summary.md, keeper_lines.log "
+    print(f"wrote {args.results}/results.csv, {', '.join(n for n, _ in charts)}, summary.md, keeper_lines.log "
           f"({run_info['elapsed_min']:.1f} min)")
     failed = sum(r["status"] != "ok" for r in run.records)
     if failed:

@@ -382,6 +382,19 @@ class Node:
         as_postgres([f"{BIN}/pg_ctl", "-D", self.dir, "-l", self.log, "-w", "-t", "60", "start"], timeout=90)
         self.remember_processes()
 
+    def restart(self, timeout: int = 60) -> tuple[float, float]:
+        """A planned restart: `pg_ctl restart -m fast -w` of this server as the postgres OS user
+        (the same log file). Returns the Unix times just before the command and when it returned
+        (the server accepts connections again). The processes of the old and the new server are
+        remembered for the clean-up."""
+        self.remember_processes()
+        t = time.time()
+        as_postgres([f"{BIN}/pg_ctl", "-D", self.dir, "-l", self.log, "-m", "fast", "-w", "-t", str(timeout),
+                     "restart"], timeout=timeout + 30)
+        done = time.time()
+        self.remember_processes()
+        return t, done
+
     def kill9(self) -> float:
         """kill -9 of the postmaster alone; returns the Unix time just before the signal.
 
@@ -587,6 +600,58 @@ class Pair:
         return (f"host=127.0.0.1,127.0.0.1 port={self.node1.port},{self.node2.port} dbname=postgres "
                 f"user=postgres target_session_attrs=read-write connect_timeout=2 {extra}").strip()
 
+    def wait_steady(self, label: str, timeout: float) -> None:
+        """Waits (each step bounded by `timeout`) until node2 streams synchronously from node1
+        (`state = 'streaming'`, `sync_state = 'sync'` in pg_stat_replication) and, with the
+        extension, both keepers are connected with the configured settings, hold their heartbeat
+        connections open, node1's keeper trusts node2 as its synchronous standby and, with a
+        witness, the lease names node1 and node2. Raises BenchError naming the step that did not
+        happen. Used when a pair is made and again after a planned restart of node1."""
+        n1, n2 = self.node1, self.node2
+        sync = wait_until(timeout, lambda: n1.query(
+            "SELECT 1 FROM pg_stat_replication WHERE application_name = 'node2' AND state = 'streaming' "
+            "AND sync_state = 'sync'"), 0.1)
+        if not sync:
+            raise BenchError(f"{label}: node2 did not stream synchronously within {timeout:.0f}s")
+        if self.extension:
+            ok = wait_until(timeout, lambda: n1.title_is("master mode:connected")
+                            and n2.title_is("standby mode:connected"), 0.1)
+            if not ok:
+                raise BenchError(f"{label}: keepers not connected within {timeout}s: "
+                                 f"node1 {n1.title()}, node2 {n2.title()}")
+            check_keeper_settings(self)
+            # Steady state: each keeper keeps a heartbeat connection open to its peer (the
+            # primary's keeper opens it at its first heartbeat after the standby streams).
+            ok = wait_until(3 * self.ktime_ms / 1000 + 10, lambda: all(
+                n.query("SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg_keeper'")
+                for n in self.nodes), 0.1)
+            if not ok:
+                raise BenchError(f"{label}: the keepers' heartbeat connections did not appear")
+            # The standby counts itself synchronous (and so may promote) only once the primary's
+            # keeper says it trusts it (in its pg_stat_activity row, read by the heartbeat); the
+            # measurements then wait one more keepalive_time so that the standby has heard it.
+            trusted = ("SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_keeper'")
+            want = "pg_keeper: trusts as synchronous standby: node2"
+            if not wait_until(timeout, lambda: [r[0] for r in n1.query(trusted)] == [want], 0.1):
+                try:
+                    seen = [r[0] for r in n1.query(trusted)]
+                except Exception as e:
+                    seen = f"unreadable ({type(e).__name__})"
+                raise BenchError(f"{label}: node1's keeper did not come to trust node2 as synchronous "
+                                 f"within {timeout:.0f}s (its activity: {seen})")
+        if self.witness is not None:
+            # Until the lease names node2 as the synchronous standby, node2 would rightly refuse
+            # to promote: no crash before that.
+            want = ("node1", "node2")
+            if not wait_until(timeout, lambda: self.lease() == want, 0.1):
+                try:
+                    seen = self.lease()
+                except Exception as e:
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    seen = f"unreadable ({type(e).__name__}: {first})"
+                raise BenchError(f"{label}: the lease on the witness did not become holder node1 / "
+                                 f"synchronous standby node2 within {timeout:.0f}s (last seen: {seen})")
+
     def destroy(self) -> None:
         for px in self.proxies:
             px.close()
@@ -749,48 +814,7 @@ primary_conninfo = 'host=127.0.0.1 port={r1} user=postgres application_name=node
         as_postgres(["touch", os.path.join(n2.dir, "standby.signal")])
         reg.nodes.append(n2)
         n2.start()
-        sync = wait_until(connect_timeout, lambda: n1.query(
-            "SELECT 1 FROM pg_stat_replication WHERE application_name = 'node2' AND sync_state = 'sync'"), 0.1)
-        if not sync:
-            raise BenchError(f"{label}: node2 did not stream synchronously within {connect_timeout}s")
-        if extension:
-            ok = wait_until(connect_timeout, lambda: n1.title_is("master mode:connected")
-                            and n2.title_is("standby mode:connected"), 0.1)
-            if not ok:
-                raise BenchError(f"{label}: keepers not connected within {connect_timeout}s: "
-                                 f"node1 {n1.title()}, node2 {n2.title()}")
-            check_keeper_settings(pair)
-            # Steady state: each keeper keeps a heartbeat connection open to its peer (the
-            # primary's keeper opens it at its first heartbeat after the standby streams).
-            ok = wait_until(3 * ktime_ms / 1000 + 10, lambda: all(
-                n.query("SELECT 1 FROM pg_stat_activity WHERE application_name = 'pg_keeper'")
-                for n in pair.nodes), 0.1)
-            if not ok:
-                raise BenchError(f"{label}: the keepers' heartbeat connections did not appear")
-            # The standby counts itself synchronous (and so may promote) only once the primary's
-            # keeper says it trusts it (in its pg_stat_activity row, read by the heartbeat); the
-            # measurements then wait one more keepalive_time so that the standby has heard it.
-            trusted = ("SELECT query FROM pg_stat_activity WHERE backend_type = 'pg_keeper'")
-            want = "pg_keeper: trusts as synchronous standby: node2"
-            if not wait_until(connect_timeout, lambda: [r[0] for r in n1.query(trusted)] == [want], 0.1):
-                try:
-                    seen = [r[0] for r in n1.query(trusted)]
-                except Exception as e:
-                    seen = f"unreadable ({type(e).__name__})"
-                raise BenchError(f"{label}: node1's keeper did not come to trust node2 as synchronous "
-                                 f"within {connect_timeout:.0f}s (its activity: {seen})")
-        if wn is not None:
-            # Until the lease names node2 as the synchronous standby, node2 would rightly refuse
-            # to promote: no crash before that.
-            want = ("node1", "node2")
-            if not wait_until(connect_timeout, lambda: pair.lease() == want, 0.1):
-                try:
-                    seen = pair.lease()
-                except Exception as e:
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    seen = f"unreadable ({type(e).__name__}: {first})"
-                raise BenchError(f"{label}: the lease on the witness did not become holder node1 / "
-                                 f"synchronous standby node2 within {connect_timeout:.0f}s (last seen: {seen})")
+        pair.wait_steady(label, connect_timeout)
         for n in pair.servers:
             n.remember_processes()
         return pair

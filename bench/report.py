@@ -21,6 +21,9 @@ EXT_PATH = "/usr/lib/postgresql/15/lib/pg_keeper_rs.so"
 PRIMARY_SLACK_S = 0.2
 PRIMARY_100MS_CAP_S = 0.5
 STANDBY_SLACK_S = 0.3
+# A planned restart of the primary: writes stop for the restart itself, not for the standby's
+# wal_retrieve_retry_interval (5 s by default) on top of it.
+RESTART_OUTAGE_LIMIT_S = 1.0
 PGBENCH_MIN_RATIO = 0.99
 RSS_LIMIT_MB = 20.0
 
@@ -177,6 +180,32 @@ def cut_table(records, settings) -> str:
     return "\n".join(rows)
 
 
+def restart_table(records, settings) -> str:
+    E, END = "planned_restart", "planned_restart_end"
+    head = ("| setting | budget s | restarts ok | `pg_ctl restart` s | server down s | write outage s "
+            "| outage max s | writes resumed after `pg_ctl` returned s | node2: grace line s | node2: WAL receiver "
+            "woken s | node2 streams again s | pair steady again s | failovers | lost commits |")
+    rows = [head, "|" + "---|" * 14]
+    for s in settings:
+        if not any(r["experiment"] == E and r["setting"] == s.label for r in records):
+            continue
+        outage = values(records, E, s.label, "outage_s")
+        failovers = values(records, E, s.label, "failover")
+        rows.append(
+            f"| {s.label} | {s.budget:g} | {count_reps(records, E, s.label)} "
+            f"| {cell(values(records, E, s.label, 'restart_s'))} "
+            f"| {cell(values(records, E, s.label, 'server_down_s'))} "
+            f"| {cell(outage)} | {f'{max(outage):.2f}' if outage else 'n/a'} "
+            f"| {cell(values(records, E, s.label, 'resumed_after_pg_ctl_s'))} "
+            f"| {cell(values(records, E, s.label, 'grace_line_s'))} "
+            f"| {cell(values(records, E, s.label, 'woken_line_s'))} "
+            f"| {cell(values(records, E, s.label, 'node2_streaming_s'))} "
+            f"| {cell(values(records, E, s.label, 'steady_again_s'))} "
+            f"| {f'{int(sum(failovers))} of {len(failovers)}' if failovers else 'n/a'} "
+            f"| {_count(records, END, s.label, 'lost_commits')} |")
+    return "\n".join(rows)
+
+
 def overhead_table(records, settings) -> str:
     head = ("| setting | CPU s/h, primary keeper | CPU s/h, standby keeper | CPU s/h, both keepers (scheduler) "
             "| CPU s/h, heartbeat backends | RSS MB, primary keeper | RSS MB, standby keeper "
@@ -285,6 +314,21 @@ def targets(records, settings) -> list[str]:
         st = stats(values(records, "standby_crash", s.label, "stall_s"))
         judge(f"standby crash stall median at {s.label} <= budget + {STANDBY_SLACK_S}s",
               st[0] if st else None, s.budget + STANDBY_SLACK_S)
+    for s in (settings if "planned_restart" in ran else []):
+        failovers = values(records, "planned_restart", s.label, "failover")
+        if failovers:
+            n = int(sum(failovers))
+            out.append(f"- **{'met' if n == 0 else 'MISSED'}**: planned restarts at {s.label} never failed over: "
+                       f"failed over in {n} of {len(failovers)} restarts")
+        lost = values(records, "planned_restart_end", s.label, "lost_commits")
+        if lost:
+            out.append(f"- **{'met' if sum(lost) == 0 else 'MISSED'}**: planned restarts at {s.label}: 0 acknowledged "
+                       f"commits lost: {int(sum(lost))} lost over {len(failovers)} restarts")
+        else:
+            out.append(f"- **not measured**: acknowledged commits lost in planned restarts at {s.label}")
+        st = stats(values(records, "planned_restart", s.label, "outage_s"))
+        judge(f"planned restart write outage median at {s.label} < {RESTART_OUTAGE_LIMIT_S:g}s",
+              st[0] if st else None, RESTART_OUTAGE_LIMIT_S)
     labels = sorted({r["setting"] for r in records if r["experiment"] == "pgbench"})
     if not labels and "pgbench" in ran:
         out.append("- **not measured**: pgbench with the extension within 1% of without")
@@ -377,9 +421,71 @@ def chart(path: str, records, settings) -> None:
     plt.close(fig)
 
 
+def restart_chart(path: str, records, settings) -> None:
+    """The write outage and the `pg_ctl restart` duration of every planned restart, per setting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    E = "planned_restart"
+    shown = [s for s in settings if values(records, E, s.label, "outage_s")]
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    series = [("outage_s", "write outage", "tab:blue", "o", -0.12),
+              ("restart_s", "pg_ctl restart duration", "tab:gray", "s", 0.12)]
+    for metric, label, color, marker, dx in series:
+        xs, ys, mx, my = [], [], [], []
+        for i, s in enumerate(shown):
+            v = values(records, E, s.label, metric)
+            xs += [i + dx + 0.05 * ((k % 5) - 2) / 2 for k in range(len(v))]
+            ys += v
+            mx.append(i + dx)
+            my.append(statistics.median(v))
+        ax.plot(xs, ys, ls="none", marker=marker, color=color, alpha=0.45, ms=5, label=label + " (each restart)")
+        ax.plot(mx, my, ls="none", marker="_", color=color, ms=26, mew=2.5, label=label + " (median)")
+    ax.axhline(RESTART_OUTAGE_LIMIT_S, color="tab:green", lw=1, ls="--",
+               label=f"target: write outage median < {RESTART_OUTAGE_LIMIT_S:g} s")
+    top = max([RESTART_OUTAGE_LIMIT_S] + [v for s in shown for m, *_ in series for v in values(records, E, s.label, m)])
+    if top >= 5.0:
+        ax.axhline(5.0, color="tab:red", lw=1, ls=":", label="wal_retrieve_retry_interval (5 s)")
+    for i, s in enumerate(shown):
+        f = values(records, E, s.label, "failover")
+        ax.annotate(f"failovers: {int(sum(f))} of {len(f)}", (i, top * 1.2), textcoords="offset points",
+                    xytext=(0, -14), ha="center", fontsize=9, color="tab:red" if sum(f) else "dimgray")
+    ax.set_xticks(range(len(shown)))
+    ax.set_xticklabels([s.label for s in shown])
+    ax.set_xlim(-0.6, len(shown) - 0.4)
+    ax.set_ylim(0, top * 1.25)
+    ax.set_xlabel("setting (keepalive_time × keepalive_count)")
+    ax.set_ylabel("seconds")
+    ax.set_title("pg_keeper_rs: planned restart of the primary (pg_ctl restart -m fast) under writes")
+    ax.grid(True, axis="y", alpha=0.4)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8.5, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def observations(records, settings) -> list[str]:
     """Facts worth a line that the tables hide."""
     out = []
+    for s in settings:
+        E = "planned_restart"
+        n = len(values(records, E, s.label, "outage_s"))
+        if not n:
+            continue
+        woken = values(records, E, s.label, "woken_line_s")
+        grace = values(records, E, s.label, "grace_line_s")
+        if len(woken) < n or len(grace) < n:
+            out.append(f"{s.label}: of {n} planned restarts, node2's keeper logged `announced a clean shutdown` "
+                       f"in {len(grace)} and `is back after its restart; starting this standby's WAL receiver "
+                       f"at once` in {len(woken)}")
+        slow = [(r["rep"], r["metrics"]["outage_s"]) for r in records
+                if r["experiment"] == E and r["setting"] == s.label and r["status"] == "ok"
+                and r["metrics"].get("outage_s", 0) > 2 * RESTART_OUTAGE_LIMIT_S]
+        if slow:
+            out.append(f"{s.label}: write outage above {2 * RESTART_OUTAGE_LIMIT_S:g} s in {len(slow)} of {n} planned "
+                       f"restarts ({', '.join(f'#{rep}: {v:.2f}s' for rep, v in slow)}); keeper_lines.log has "
+                       "their lines")
     slow = [(r["setting"], r["rep"], r["metrics"]["promotion_s"]) for r in records
             if r["experiment"] == "primary_crash" and r["status"] == "ok"
             and r["metrics"].get("promotion_s", 0) > 1.0]
@@ -422,6 +528,7 @@ def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
     witness = witness_table(records, settings) if any_witness(settings) and crashes else ""
     frozen = frozen_table(records, settings) if "frozen_primary" in ran else ""
     cut = cut_table(records, settings) if "cut_link" in ran else ""
+    restarts = restart_table(records, settings) if "planned_restart" in ran else ""
     overhead = overhead_table(records, settings) if "overhead" in ran else "Not run."
     pgb = pgbench_table(records) if "pgbench" in ran else "Not run."
     tg = targets(records, settings)
@@ -540,6 +647,37 @@ def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
             "one, heal → node1's `restored synchronous replication` line.",
             "",
         ]
+    if restarts:
+        lines += [
+            "## Planned restart of the primary (seconds; median (min–max))",
+            "",
+            "One pair per setting, the multihost client of the primary crash committing all along; "
+            "`pg_ctl restart -m fast -w` of node1's data directory (as the postgres OS user), repeated; "
+            "before each, the pair is synchronous and steady again (node2 streaming with `sync_state = "
+            "'sync'`, both keepers connected, node1's keeper trusting node2), then one keepalive_time and a "
+            "random fraction of another pass, so that every restart lands at a random point of the heartbeat "
+            "cycle with a standby that could promote. `pg_keeper.restart_grace` is at its default (30 s); "
+            "`wal_retrieve_retry_interval` at its default (5 s) unless the extra settings above say otherwise.",
+            "",
+            restarts,
+            "",
+            "- *`pg_ctl restart` s*: the command's own duration (stop, start, until the server accepts "
+            "connections); *server down s*: node1's `received fast shutdown request` line → its next `database "
+            "system is ready to accept connections` line.",
+            "- *write outage*: the longest gap between acknowledged commits from the last one before the restart "
+            "command to the first one after `pg_ctl` returned (the client may still commit for the few "
+            "milliseconds before the shutdown begins); *resumed after `pg_ctl` returned*: that first commit, "
+            "after the command returned (node2's WAL receiver reconnecting and the client reconnecting).",
+            "- *node2: grace line*, *WAL receiver woken*, *streams again*: node2's keeper lines `primary ... "
+            "announced a clean shutdown; not counting failed heartbeats ...` and `... is back after its restart; "
+            "starting this standby's WAL receiver at once`, and its server's `started streaming WAL` line, "
+            "after the restart command; *pair steady again*: the command → the pair synchronous and steady "
+            "again (polled every 100 ms).",
+            "- *failovers*: restarts after which node2 had left recovery, logged `lost; promoting` or "
+            "acknowledged a commit (must be none); *lost commits*: acknowledged ids missing on the primary "
+            "once the client has stopped after the last restart (must be 0).",
+            "",
+        ]
     lines += [
         "## Overhead of the keeper (idle connected pair, extrapolated to one hour)",
         "",
@@ -577,5 +715,5 @@ def summary(path: str, records, settings, machine: dict, run_info: dict) -> str:
     text = "\n".join(lines)
     with open(path, "w") as f:
         f.write(text)
-    return "\n\n".join([t for t in (failover, witness, frozen, cut, overhead, pgb, "\n".join(tg))
+    return "\n\n".join([t for t in (failover, witness, frozen, cut, restarts, overhead, pgb, "\n".join(tg))
                         if t and t != "Not run."])
