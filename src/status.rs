@@ -214,6 +214,33 @@ pub fn publish_http(update: impl FnOnce(&mut ForHttp)) {
     update(&mut s.http);
 }
 
+/// What the HTTP listener reads, copied under the lock (without the event history).
+pub struct HttpCopy {
+    pub worker_pid: i32,
+    pub state: Text<64>,
+    pub failures: i32,
+    pub keepalive_time_ms: i64,
+    pub last_answer: i64,
+    pub problem: Text<480>,
+    pub paused: bool,
+    pub http: ForHttp,
+}
+
+/// The status for the HTTP listener; from a backend's main thread only, like every LWLock.
+pub fn http_copy() -> HttpCopy {
+    let s = STATUS.share();
+    HttpCopy {
+        worker_pid: s.worker_pid,
+        state: s.state,
+        failures: s.failures,
+        keepalive_time_ms: s.keepalive_time_ms,
+        last_answer: s.last_answer,
+        problem: s.problem,
+        paused: s.paused,
+        http: s.http,
+    }
+}
+
 /// A copy of the status for reading without holding the lock.
 pub fn snapshot() -> Shared {
     *STATUS.share()
