@@ -273,6 +273,74 @@ fn every_path_answers_by_role_and_follows_a_failover_and_a_superseded_old_primar
         == Some(503)));
 }
 
+#[test]
+fn a_frozen_keeper_makes_primary_and_liveness_answer_503_until_it_runs_again() {
+    let (mut pair, [h1, _]) = http_pair("http-stale", Options::default());
+    expect_codes("node1", h1, &[("/primary", 200), ("/liveness", 200)]);
+    pair.node1.freeze_keeper();
+    let frozen = Instant::now();
+    // Stale after 3 keepalive_times and a second (4 s here): not before, and soon after.
+    let stale = time_until(Duration::from_secs(10), || {
+        code(h1, "/primary") == Some(503)
+    })
+    .expect("/primary still answers 200 with the keeper frozen");
+    println!(
+        "[http-stale] /primary answered 503 {} ms after the keeper was frozen",
+        stale.as_millis()
+    );
+    assert!(stale >= Duration::from_millis(2500), "{stale:?}");
+    expect_codes(
+        "node1 (keeper frozen)",
+        h1,
+        &[
+            ("/primary", 503),
+            ("/read-only", 503),
+            ("/liveness", 503),
+            ("/health", 200),
+        ],
+    );
+    let body = get(h1, "/primary").body;
+    assert!(body.contains("\"keeper_running\":false"), "{body}");
+    assert!(body.contains("\"role\":\"unknown\""), "{body}");
+    assert_eq!(metric_of(h1, "pg_keeper_up"), Some(0.0));
+    pair.node1.thaw();
+    assert!(wait_until(Duration::from_secs(10), || code(h1, "/primary")
+        == Some(200)));
+    println!(
+        "[http-stale] /primary answered 200 again {} ms after the freeze began",
+        frozen.elapsed().as_millis()
+    );
+}
+
+#[test]
+fn an_asynchronous_standby_answers_async_and_a_paused_keeper_says_so() {
+    let (pair, [h1, h2]) = http_pair("http-async", Options::default());
+    pair.create_extension();
+    pair.node1
+        .sql("ALTER SYSTEM SET synchronous_standby_names = ''")
+        .unwrap();
+    pair.node1.reload();
+    let listed_async = wait_until(Duration::from_secs(10), || {
+        code(h2, "/async") == Some(200) && code(h2, "/sync") == Some(503)
+    });
+    assert!(listed_async, "node2: {:?}", codes(h2, &["/sync", "/async"]));
+    assert!(get(h2, "/replica").body.contains("\"synchronous\":false"));
+    assert_eq!(metric_of(h2, "pg_keeper_synchronous"), Some(0.0));
+
+    // A pause is shown; a paused primary still takes writes, so /primary stays 200.
+    pair.node1.sql("SELECT pg_keeper_pause()").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || get(h1, "/primary")
+        .body
+        .contains("\"paused\":true")));
+    assert_eq!(code(h1, "/primary"), Some(200));
+    assert_eq!(metric_of(h1, "pg_keeper_paused"), Some(1.0));
+    pair.node1.sql("SELECT pg_keeper_resume()").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || metric_of(
+        h1,
+        "pg_keeper_paused"
+    ) == Some(0.0)));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sampling /primary on several nodes
 

@@ -350,6 +350,13 @@ impl Node {
         self.frozen = pids;
     }
 
+    /// SIGSTOP the keeper worker alone (thawed by [`Node::thaw`] or on drop).
+    pub fn freeze_keeper(&mut self) {
+        let keeper = self.keeper_pid().expect("the keeper runs");
+        signal(keeper, "STOP");
+        self.frozen.push(keeper);
+    }
+
     pub fn thaw(&mut self) {
         for &p in &self.frozen {
             signal(p, "CONT");
