@@ -134,9 +134,10 @@ fn http_pair(label: &str, opts: Options) -> (Pair, [u16; 2]) {
     (pair, [p1, p2])
 }
 
-const PRIMARY_CODES: [(&str, u16); 13] = [
+const PRIMARY_CODES: [(&str, u16); 14] = [
     ("/primary", 200),
     ("/leader", 200),
+    ("/master", 200),
     ("/read-write", 200),
     ("/", 200),
     ("/replica", 503),
@@ -150,7 +151,7 @@ const PRIMARY_CODES: [(&str, u16); 13] = [
     ("/no-such-path", 404),
 ];
 
-const STANDBY_CODES: [(&str, u16); 12] = [
+const STANDBY_CODES: [(&str, u16); 14] = [
     ("/primary", 503),
     ("/leader", 503),
     ("/read-write", 503),
@@ -159,7 +160,9 @@ const STANDBY_CODES: [(&str, u16); 12] = [
     ("/replica?lag=oops", 400),
     ("/read-only", 200),
     ("/sync", 200),
+    ("/synchronous", 200),
     ("/async", 503),
+    ("/asynchronous", 503),
     ("/health", 200),
     ("/liveness", 200),
     ("/metrics", 200),
@@ -890,25 +893,32 @@ fn half_open(port: u16) -> Option<(Duration, String)> {
     ))
 }
 
-/// Sends a request with a 64 KiB header; returns the status line answered, if any.
-fn huge_header(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.set_write_timeout(Some(Duration::from_secs(10))).ok()?;
-    let header = format!(
-        "GET /primary HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {}\r\n\r\n",
-        "a".repeat(64 * 1024)
-    );
-    // The listener answers after 8 KiB and closes: the rest of the write may fail.
-    let _ = s.write_all(header.as_bytes());
+/// Sends `text` as it is; returns the status line answered (empty: none).
+fn raw_request(port: u16, text: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(text.as_bytes());
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    Some(
-        String::from_utf8_lossy(&raw)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string(),
+    String::from_utf8_lossy(&raw)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Sends a request with a 64 KiB header; returns the status line answered (the listener
+/// answers after 8 KiB and closes: the rest of the write may fail).
+fn huge_header(port: u16) -> String {
+    raw_request(
+        port,
+        &format!(
+            "GET /primary HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(64 * 1024)
+        ),
     )
 }
 
@@ -989,12 +999,20 @@ fn hostile_clients_get_bounded_answers_and_do_not_change_the_heartbeats() {
         line.is_empty() || line.starts_with("HTTP/1.1 408"),
         "{line}"
     );
-    let line = huge_header(h1).expect("connects");
+    let line = huge_header(h1);
     println!("[http-hostile] 64 KiB header answered {line:?}");
     assert!(
         line.is_empty() || line.starts_with("HTTP/1.1 431"),
         "{line}"
     );
+    let many = (0..40)
+        .map(|i| format!("X-H{i}: v\r\n"))
+        .collect::<String>();
+    let line = raw_request(
+        h1,
+        &format!("GET /primary HTTP/1.1\r\nHost: 127.0.0.1\r\n{many}\r\n"),
+    );
+    assert!(line.starts_with("HTTP/1.1 431"), "40 headers: {line}");
     let f = flood(h1, 1000);
     println!(
         "[http-hostile] 1000 idle connections: {} connected, {} dropped for room (503), {} timed out (408), \
@@ -1081,4 +1099,54 @@ fn hostile_clients_get_bounded_answers_and_do_not_change_the_heartbeats() {
     assert!(rounds.iter().all(|r| *r > 0));
     assert!(pair.node1.title_is("master mode:connected"));
     assert!(pair.node2.title_is("standby mode:connected"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The README's examples
+
+/// The body of the first fenced block of `lang` after `heading` in README.md.
+fn readme_block(heading: &str, lang: &str) -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split_once(heading)
+        .unwrap_or_else(|| panic!("README.md has no {heading:?}"))
+        .1;
+    let fence = format!("```{lang}\n");
+    let block = section
+        .split_once(&fence)
+        .unwrap_or_else(|| panic!("no {lang} block after {heading:?}"))
+        .1;
+    block.split_once("```").unwrap().0.to_string()
+}
+
+fn check_config(program: &str, args: &[&str], file: &Path) {
+    let out = Command::new(program)
+        .args(args)
+        .arg(file)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} refuses {}: {}{}",
+        file.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_readme_haproxy_and_prometheus_examples_are_valid_configurations() {
+    let dir = std::env::temp_dir().join(format!("pg_keeper_rs_readme_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let haproxy = dir.join("haproxy.cfg");
+    let text = readme_block("### HAProxy", "haproxy");
+    assert!(text.contains("option httpchk OPTIONS /primary"), "{text}");
+    assert!(text.contains("on-marked-down shutdown-sessions"), "{text}");
+    std::fs::write(&haproxy, text).unwrap();
+    check_config("haproxy", &["-c", "-f"], &haproxy);
+    let prometheus = dir.join("prometheus.yml");
+    std::fs::write(&prometheus, readme_block("### Prometheus", "yaml")).unwrap();
+    check_config("promtool", &["check", "config"], &prometheus);
+    let _ = std::fs::remove_dir_all(&dir);
 }
