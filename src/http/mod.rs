@@ -351,7 +351,7 @@ impl Server {
                     content_type: "application/json",
                     body: "{\"error\":\"the request took too long\"}\n".into(),
                 };
-                let _ = c.stream.write(&render(&late, true));
+                let _ = c.stream.write(&render(&late, false));
             }
             return None;
         }
