@@ -441,6 +441,45 @@ fn an_isolated_primary_answers_503_before_the_standby_answers_200() {
     assert!(node2.title_is("master mode:async") || node2.title_is("master mode"));
 }
 
+#[test]
+fn with_the_witness_down_primary_answers_503_once_the_lease_runs_out_and_200_when_it_is_back() {
+    let h1 = free_port();
+    let pp =
+        ProxiedPair::connected_with_witness("http-witness-down", with_http(h1, Options::default()));
+    let _h2 = give_node2_its_own_port(&pp.pair, h1);
+    assert!(wait_until(Duration::from_secs(10), || code(h1, "/primary")
+        == Some(200)));
+    let witness = pp.witness.as_ref().unwrap();
+    witness.stop();
+    let out = time_until(Duration::from_secs(15), || {
+        code(h1, "/primary") == Some(503)
+    })
+    .expect("/primary still answers 200 with the witness down");
+    println!(
+        "[http-witness-down] /primary answered 503 {} ms after the witness stopped (lease 3.2 s)",
+        out.as_millis()
+    );
+    // The keeper goes on serving with its standby; only the load balancer's answer changed.
+    assert!(pp.pair.node1.title_is("master mode:connected"));
+    let body = get(h1, "/primary").body;
+    assert!(body.contains("\"lease\":{\"held\":false"), "{body}");
+    witness.start();
+    let back = time_until(Duration::from_secs(20), || {
+        code(h1, "/primary") == Some(200)
+    })
+    .expect("/primary did not answer 200 again once the witness was back");
+    println!(
+        "[http-witness-down] /primary answered 200 again {} ms after the witness started",
+        back.as_millis()
+    );
+    // Not at the first failed renewal: when the lease renewed last (up to one keepalive_time
+    // before the stop) runs out, 3.2 s after it.
+    assert!(
+        out >= Duration::from_millis(1500) && out < Duration::from_secs(6),
+        "{out:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Metrics
 

@@ -70,11 +70,14 @@ impl Worker {
             return Lease::NotConfigured;
         };
         self.witness_result(&result);
-        let held = match &result {
-            Ok(Some(row)) if primary && row.mine && !row.expired => Some(row.ms_left),
-            _ => None,
-        };
-        publish_lease(held, asked_at);
+        // An unreachable witness changes nothing: the lease as last renewed runs out by itself.
+        if let Ok(row) = &result {
+            let held = row
+                .as_ref()
+                .filter(|r| primary && r.mine && !r.expired)
+                .map(|r| r.ms_left);
+            publish_lease(held, asked_at);
+        }
         match result {
             Err(why) => Lease::Unreachable(self.scrub(&why)),
             Ok(None) => Lease::Missing,
