@@ -215,6 +215,7 @@ pub fn publish_http(update: impl FnOnce(&mut ForHttp)) {
 }
 
 /// What the HTTP listener reads, copied under the lock (without the event history).
+#[derive(Clone, Copy)]
 pub struct HttpCopy {
     pub worker_pid: i32,
     pub state: Text<64>,

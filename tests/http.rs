@@ -1081,7 +1081,7 @@ fn hostile_clients_get_bounded_answers_and_do_not_change_the_heartbeats() {
     // The keepers' heartbeats, quiet and then under a steady hostile load on node1's listener.
     let (quiet1, quiet2) = both_heartbeats(&pair);
     let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<JoinHandle<usize>> = (0..3)
+    let load: Vec<JoinHandle<usize>> = (0..4)
         .map(|kind| {
             let stop = stop.clone();
             spawn(move || {
@@ -1093,7 +1093,9 @@ fn hostile_clients_get_bounded_answers_and_do_not_change_the_heartbeats() {
                             flood(h1, 1000);
                         }
                         1 => drop(half_open(h1)),
-                        _ => drop(huge_header(h1)),
+                        2 => drop(huge_header(h1)),
+                        // Valid requests as fast as one client can send them.
+                        _ => drop(code(h1, "/metrics")),
                     }
                     rounds += 1;
                 }
@@ -1114,7 +1116,7 @@ fn hostile_clients_get_bounded_answers_and_do_not_change_the_heartbeats() {
         describe(&quiet2.0),
         describe(&loaded2.0)
     );
-    println!("[http-hostile] load rounds (floods, half-open, huge headers): {rounds:?}");
+    println!("[http-hostile] load rounds (floods, half-open, huge headers, /metrics): {rounds:?}");
     let listener = get(h1, "/metrics").body;
     println!(
         "[http-hostile] listener counters: rejected {:?}, timed out {:?}, bad {:?}",

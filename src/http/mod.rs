@@ -48,6 +48,9 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// [`WARN_AGAIN_AFTER`] later at the earliest.
 const RETRY_BIND_EVERY: Duration = Duration::from_secs(10);
 const WARN_AGAIN_AFTER: Duration = Duration::from_secs(300);
+/// A copy of the status this recent serves the next answers too: however many requests come,
+/// the listener takes the status lock at most this often, so it cannot keep the keeper waiting.
+const STATUS_REUSE: Duration = Duration::from_millis(20);
 /// The loop looks at signals and the postmaster at least this often.
 const IDLE_WAKE: Duration = Duration::from_millis(1000);
 
@@ -114,6 +117,8 @@ struct Server {
     endpoints: Vec<Endpoint>,
     conns: Vec<Conn>,
     counters: Counters,
+    /// The last copy of the status and when it was taken (see [`STATUS_REUSE`]).
+    status: Option<(Instant, status::HttpCopy)>,
 }
 
 /// The socket addresses an entry of pg_keeper.http_listen_addresses stands for.
@@ -147,6 +152,7 @@ impl Server {
                 .collect(),
             conns: Vec::new(),
             counters: Counters::default(),
+            status: None,
         }
     }
 
@@ -420,8 +426,17 @@ impl Server {
         true
     }
 
-    /// The status as the answer needs it, read now.
-    fn view(&self) -> View {
+    /// The status as the answer needs it, read now (the keeper's part at most
+    /// [`STATUS_REUSE`] old).
+    fn view(&mut self) -> View {
+        let copy = match self.status {
+            Some((at, copy)) if at.elapsed() < STATUS_REUSE => copy,
+            _ => {
+                let copy = status::http_copy();
+                self.status = Some((Instant::now(), copy));
+                copy
+            }
+        };
         let in_recovery = actuators::in_recovery();
         let (streaming, lag) = if in_recovery {
             // SAFETY: both read the WAL receiver's and the startup process's shared memory.
@@ -439,7 +454,7 @@ impl Server {
         };
         View {
             now: status::now(),
-            status: status::http_copy(),
+            status: copy,
             in_recovery,
             timeline: actuators::timeline(),
             wal_receiver_streaming: streaming,
