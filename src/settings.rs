@@ -203,7 +203,7 @@ pub fn register() {
     );
     GucRegistry::define_string_guc(
         c"pg_keeper.http_listen_addresses",
-        c"Comma-separated IP addresses the HTTP listener binds to; '*' means every IPv4 address.",
+        c"Comma-separated IP addresses the HTTP listener binds to; '*' means every IPv4 address, 'localhost' 127.0.0.1.",
         c"Read at server start: a change takes effect at the next restart.",
         &HTTP_LISTEN_ADDRESSES,
         GucContext::Postmaster,

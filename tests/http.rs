@@ -344,6 +344,62 @@ fn an_asynchronous_standby_answers_async_and_a_paused_keeper_says_so() {
     ) == Some(0.0)));
 }
 
+#[test]
+fn a_listener_on_two_addresses_beside_an_unconfigured_keeper_answers_503_and_says_why() {
+    let port = free_port();
+    let single = common::Single::start(
+        "http-addresses",
+        &format!(
+            "pg_keeper.http_port = {port}\npg_keeper.http_listen_addresses = '127.0.0.1, 127.0.0.2, db.example'"
+        ),
+    );
+    // A host name is refused (never looked up), the two addresses are served.
+    single.node.expect_log(
+        "could not listen for HTTP on db.example:",
+        Duration::from_secs(10),
+    );
+    assert!(single
+        .node
+        .log_text()
+        .contains("\"db.example\" is not an IP address"));
+    for ip in [[127, 0, 0, 1], [127, 0, 0, 2]] {
+        let addr = SocketAddr::from((ip, port));
+        let up = wait_until(Duration::from_secs(10), || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+        });
+        assert!(up, "nothing listens on {addr}");
+    }
+    let other = {
+        let mut s = TcpStream::connect(("127.0.0.2", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut raw = String::new();
+        let _ = s.read_to_string(&mut raw);
+        raw
+    };
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    // Without node conninfos the keeper cannot tell which node it is: no role, and the
+    // problem in the body.
+    assert!(wait_until(Duration::from_secs(10), || single
+        .node
+        .title_is("configuration error")));
+    let reply = get(port, "/primary");
+    assert_eq!(reply.code, 503, "{}", reply.body);
+    assert!(
+        reply.body.contains("\"role\":\"starting\""),
+        "{}",
+        reply.body
+    );
+    assert!(
+        reply.body.contains("node1_conninfo is not set"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(code(port, "/replica"), Some(503));
+    assert_eq!(code(port, "/liveness"), Some(200));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sampling /primary on several nodes
 

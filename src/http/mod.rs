@@ -13,7 +13,7 @@
 mod answer;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -121,20 +121,18 @@ struct Server {
     status: Option<(Instant, status::HttpCopy)>,
 }
 
-/// The socket addresses an entry of pg_keeper.http_listen_addresses stands for.
-fn resolve(name: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+/// The socket address an entry of pg_keeper.http_listen_addresses stands for: an IP address,
+/// `*` or `localhost`. Host names are refused rather than looked up: a resolver that does not
+/// answer would hold the loop.
+fn resolve(name: &str, port: u16) -> Result<SocketAddr, String> {
     let ip = match name {
         "*" => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
         "localhost" => Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         other => other.trim_matches(['[', ']']).parse().ok(),
     };
-    match ip {
-        Some(ip) => Ok(vec![SocketAddr::new(ip, port)]),
-        None => (name, port)
-            .to_socket_addrs()
-            .map(|a| a.collect())
-            .map_err(|e| format!("could not resolve \"{name}\": {e}")),
-    }
+    ip.map(|ip| SocketAddr::new(ip, port)).ok_or_else(|| {
+        format!("\"{name}\" is not an IP address (give IP addresses, '*' or 'localhost')")
+    })
 }
 
 impl Server {
@@ -181,8 +179,8 @@ impl Server {
                 continue;
             }
             e.last_try = Some(Instant::now());
-            let bound = resolve(&e.name, port).and_then(|addrs| {
-                let l = TcpListener::bind(&addrs[..]).map_err(|err| err.to_string())?;
+            let bound = resolve(&e.name, port).and_then(|addr| {
+                let l = TcpListener::bind(addr).map_err(|err| err.to_string())?;
                 l.set_nonblocking(true).map_err(|err| err.to_string())?;
                 // SAFETY: listen() again on a listening socket only resizes its queue.
                 unsafe { libc::listen(l.as_raw_fd(), LISTEN_BACKLOG) };
