@@ -132,11 +132,11 @@ impl Worker {
             Degraded::Switched { previous } => {
                 status::publish_http(|h| h.async_switches_total += 1);
                 self.event(
-                "degraded_to_async",
-                Level::Log,
-                &format!(
-                    "changed replication mode to asynchronous: synchronous_standby_names was '{previous}' and is now '' \
-                     (the old value is kept in pg_keeper.saved_synchronous_standby_names)"
+                    "degraded_to_async",
+                    Level::Log,
+                    &format!(
+                        "changed replication mode to asynchronous: synchronous_standby_names was '{previous}' and is now '' \
+                         (the old value is kept in pg_keeper.saved_synchronous_standby_names)"
                     ),
                     None,
                 )

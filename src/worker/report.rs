@@ -168,7 +168,8 @@ impl Worker {
     /// Keeps the last answer and the last failure (with its reason) for the status.
     pub(super) fn publish_beat(&mut self, beat: &Beat) {
         let now = status::now();
-        let (answered, failed) = (
+        // Made (answered, refused or not answered), and not answered.
+        let (made, failed) = (
             !matches!(beat, Beat::Interrupted),
             matches!(beat, Beat::NoAnswer(_)),
         );
@@ -177,11 +178,11 @@ impl Worker {
             _ => None,
         };
         status::publish_http(|h| {
-            h.beats += answered as u64;
+            h.beats += made as u64;
             h.heartbeat_failures_total += failed as u64;
             if let Some(state) = sync_state {
                 h.sync_state.set(&state);
-            } else if answered && !failed {
+            } else if made && !failed {
                 h.sync_state.set("");
             }
         });
