@@ -353,7 +353,8 @@ class Node:
             return None
         out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pm)], capture_output=True, text=True, timeout=10)
         for line in out.stdout.splitlines():
-            if "pg_keeper" in line:
+            # Not the HTTP listener ("pg_keeper http"), a worker of its own.
+            if "pg_keeper" in line and "pg_keeper http" not in line:
                 pid, args = line.strip().split(None, 1)
                 return int(pid), args.strip()
         return None

@@ -34,6 +34,8 @@ pub struct Finished {
     pub pid: u32,
     pub outcome: String,
     pub success: bool,
+    /// The exit status; 128 + the signal when killed by one; -1 when it could not be waited for.
+    pub code: i32,
 }
 
 #[derive(Default)]
@@ -93,13 +95,13 @@ impl AfterCommands {
             let pid = r.child.id();
             match r.child.try_wait() {
                 Ok(Some(status)) => {
-                    let (outcome, success) = match (status.code(), status.signal()) {
-                        (Some(0), _) => ("exited with status 0".to_string(), true),
-                        (Some(code), _) => (format!("exited with status {code}"), false),
-                        (None, Some(sig)) => (format!("was terminated by signal {sig}"), false),
-                        (None, None) => ("ended".to_string(), false),
+                    let (outcome, success, code) = match (status.code(), status.signal()) {
+                        (Some(0), _) => ("exited with status 0".to_string(), true, 0),
+                        (Some(code), _) => (format!("exited with status {code}"), false, code),
+                        (None, Some(sig)) => (format!("was terminated by signal {sig}"), false, 128 + sig),
+                        (None, None) => ("ended".to_string(), false, -1),
                     };
-                    done.push(Finished { event: r.event, pid, outcome, success });
+                    done.push(Finished { event: r.event, pid, outcome, success, code });
                     false
                 }
                 Ok(None) if r.started.elapsed() >= r.timeout => {
@@ -114,12 +116,13 @@ impl AfterCommands {
                             r.timeout.as_secs()
                         ),
                         success: false,
+                        code: 128 + crate::sys::SIGKILL,
                     });
                     false
                 }
                 Ok(None) => true,
                 Err(e) => {
-                    done.push(Finished { event: r.event, pid, outcome: format!("could not be waited for: {e}"), success: false });
+                    done.push(Finished { event: r.event, pid, outcome: format!("could not be waited for: {e}"), success: false, code: -1 });
                     false
                 }
             }

@@ -15,6 +15,7 @@ mod after_command;
 mod conninfo;
 mod db;
 mod heartbeat;
+mod http;
 mod identity;
 mod rejoin;
 mod resolve;
@@ -54,6 +55,8 @@ pub extern "C-unwind" fn _PG_init() {
         .set_start_time(BgWorkerStartTime::ConsistentState)
         .set_restart_time(Some(WORKER_RESTART))
         .load();
+    // A process of its own, so that no HTTP client can delay the keeper.
+    http::register();
 }
 
 /// The worker runs on a standby only as a hot-standby process; without hot_standby it never

@@ -40,6 +40,11 @@ pub static DATABASE: GucSetting<Option<CString>> =
 /// the `synchronous_standby_names` that was in force before.
 pub static SAVED_SYNC_NAMES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
+/// The HTTP listener's port; 0 (the default) starts no listener.
+pub static HTTP_PORT: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static HTTP_LISTEN_ADDRESSES: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"127.0.0.1"));
+
 /// Keeps a setting out of postgresql.conf.sample (pgrx has no name for this flag).
 fn not_in_sample() -> GucFlags {
     GucFlags::from_bits_retain(pg_sys::GUC_NOT_IN_SAMPLE as i32)
@@ -207,6 +212,24 @@ pub fn register() {
         &SAVED_SYNC_NAMES,
         GucContext::Sighup,
         not_in_sample() | GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_keeper.http_port",
+        c"TCP port of the HTTP health and metrics listener; 0 starts no listener.",
+        c"Read at server start: a change takes effect at the next restart.",
+        &HTTP_PORT,
+        0,
+        65_535,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_keeper.http_listen_addresses",
+        c"Comma-separated IP addresses the HTTP listener binds to; '*' means every IPv4 address, 'localhost' 127.0.0.1.",
+        c"Read at server start: a change takes effect at the next restart.",
+        &HTTP_LISTEN_ADDRESSES,
+        GucContext::Postmaster,
+        GucFlags::default(),
     );
     // Misspelled pg_keeper.* settings are reported. PostgreSQL 15 renamed the call and made it
     // also remove them.
@@ -450,6 +473,17 @@ impl Settings {
     /// The `synchronous_standby_names` saved when the keeper switched to async, if any.
     pub fn saved_sync_names() -> Option<String> {
         string_setting(&SAVED_SYNC_NAMES)
+    }
+
+    /// The HTTP listener's port (0: none) and addresses, as set at server start.
+    pub fn http() -> (u16, Vec<String>) {
+        let addresses = string_setting(&HTTP_LISTEN_ADDRESSES)
+            .unwrap_or_else(|| "127.0.0.1".into())
+            .split(',')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        (HTTP_PORT.get().clamp(0, 65_535) as u16, addresses)
     }
 
     pub fn database() -> String {

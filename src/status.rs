@@ -79,6 +79,46 @@ pub struct Shared {
     /// What the decision core needs to go on after a restart of the worker (not of the server):
     /// written after every decision and every action.
     pub memory: Option<keeper_core::Memory>,
+    /// What the HTTP listener answers from (see `src/http`), published by the keeper.
+    pub http: ForHttp,
+}
+
+/// The part of the status the HTTP endpoints and metrics need beyond the rest, kept by the
+/// keeper. Times are TimestampTz (microseconds since 2000-01-01) on this server's clock.
+#[derive(Clone, Copy, Default)]
+pub struct ForHttp {
+    /// The mode the decision core is in (None before this server's first keeper reported).
+    pub mode: Option<keeper_core::Mode>,
+    /// When the keeper last published its state (every decision does): the listener judges the
+    /// keeper stale by it.
+    pub published_at: i64,
+    /// Heartbeats made by the current keeper worker (reset when a new worker starts).
+    pub beats: u64,
+    /// A decision was published after this worker's first heartbeat: until then a primary has
+    /// not yet asked the peer whether it was superseded.
+    pub decided_after_beat: bool,
+    /// (Primary.) The keeper trusts the peer as its synchronous standby.
+    pub trusts_standby: bool,
+    /// (Primary.) The peer's lag in pg_stat_replication at the last tick, in bytes; -1 unknown.
+    pub standby_lag_bytes: i64,
+    /// (Standby.) How the primary's pg_stat_replication lists this standby, from its last
+    /// answer ("sync", "async", "potential", "quorum"; empty: not listed or never asked).
+    pub sync_state: Text<16>,
+    /// A witness is configured.
+    pub uses_witness: bool,
+    /// (Primary.) This node holds the lease, until `lease_expires_at` (conservatively: counted
+    /// from before the statement that renewed it).
+    pub lease_mine: bool,
+    pub lease_expires_at: i64,
+    /// Since the server started: heartbeats without an answer, promotions requested, switches
+    /// to asynchronous replication, after_command runs.
+    pub heartbeat_failures_total: u64,
+    pub failovers_total: u64,
+    pub async_switches_total: u64,
+    pub after_command_runs_total: u64,
+    /// The last after_command's exit status (128 + the signal when killed; -1 when it could
+    /// not be waited for); meaningful once a run ended.
+    pub after_command_last_exit: i32,
 }
 
 impl Default for Shared {
@@ -103,6 +143,10 @@ impl Default for Shared {
             events: [EventRecord::default(); HISTORY],
             total: 0,
             memory: None,
+            http: ForHttp {
+                standby_lag_bytes: -1,
+                ..ForHttp::default()
+            },
         }
     }
 }
@@ -162,6 +206,40 @@ pub fn pause_state() -> (bool, i64) {
 /// The keeper's memory left by an earlier worker of this server, if any.
 pub fn memory() -> Option<keeper_core::Memory> {
     STATUS.share().memory
+}
+
+/// Updates the part of the status the HTTP listener reads.
+pub fn publish_http(update: impl FnOnce(&mut ForHttp)) {
+    let mut s = STATUS.exclusive();
+    update(&mut s.http);
+}
+
+/// What the HTTP listener reads, copied under the lock (without the event history).
+#[derive(Clone, Copy)]
+pub struct HttpCopy {
+    pub worker_pid: i32,
+    pub state: Text<64>,
+    pub failures: i32,
+    pub keepalive_time_ms: i64,
+    pub last_answer: i64,
+    pub problem: Text<480>,
+    pub paused: bool,
+    pub http: ForHttp,
+}
+
+/// The status for the HTTP listener; from a backend's main thread only, like every LWLock.
+pub fn http_copy() -> HttpCopy {
+    let s = STATUS.share();
+    HttpCopy {
+        worker_pid: s.worker_pid,
+        state: s.state,
+        failures: s.failures,
+        keepalive_time_ms: s.keepalive_time_ms,
+        last_answer: s.last_answer,
+        problem: s.problem,
+        paused: s.paused,
+        http: s.http,
+    }
 }
 
 /// A copy of the status for reading without holding the lock.

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::thread::sleep;
 use std::time::Duration;
 
-use common::{time_until, wait_until, Options, Pair};
+use common::{time_until, Options, Pair};
 
 const BUDGET: Duration = Duration::from_secs(3);
 const MARGIN: Duration = Duration::from_secs(12);
@@ -24,15 +24,7 @@ fn an_old_primary_that_comes_back_after_a_failover_fences_itself() {
 
     // The old primary starts as a primary on the old timeline: it finds node2 on a newer one (so
     // quickly that pg_ctl may see it stop while it waits for the start).
-    let _ = pair.node1.try_start();
-    pair.node1.expect_log("superseded", Duration::from_secs(15));
-    assert!(
-        wait_until(Duration::from_secs(30), || pair
-            .node1
-            .postmaster_pid()
-            .is_none()),
-        "the superseded server did not shut down"
-    );
+    pair.node1.start_superseded();
     assert!(pair.node1.dir.join("standby.signal").exists());
     let log = pair.node1.log_text();
     assert!(

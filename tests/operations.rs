@@ -24,12 +24,7 @@ fn events(node: &common::Node) -> Vec<String> {
 
 fn installed(label: &str, opts: Options) -> Pair {
     let pair = Pair::connected(label, opts);
-    pair.node1.sql("CREATE EXTENSION pg_keeper_rs").unwrap();
-    // Replicated to the standby (synchronously), where it is readable too.
-    assert!(wait_until(Duration::from_secs(10), || pair
-        .node2
-        .sql("SELECT count(*) FROM pg_extension WHERE extname = 'pg_keeper_rs'")
-        .is_ok_and(|n| n == "1")));
+    pair.create_extension();
     pair
 }
 
@@ -330,27 +325,8 @@ fn a_switchover_loses_no_committed_row_and_reports_the_outage() {
         })
     };
     sleep(Duration::from_secs(2));
-    let out = script("switchover")
-        .arg("--datadir")
-        .arg(&pair.node1.dir)
-        .args([
-            "--primary",
-            &pair.node1.conninfo(),
-            "--standby",
-            &pair.node2.conninfo(),
-            "--name",
-            "node1",
-        ])
-        .arg("--log")
-        .arg(&pair.node1.log)
-        .output()
-        .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "switchover failed:\n{said}");
+    let (ok, said) = pair.switchover();
+    assert!(ok, "switchover failed:\n{said}");
     sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();

@@ -60,6 +60,7 @@ impl Worker {
 
     fn promote(&self) -> Result<(), String> {
         actuators::promote()?;
+        status::publish_http(|h| h.failovers_total += 1);
         self.event(
             "promote_requested",
             Level::Log,
@@ -164,18 +165,23 @@ impl Worker {
 
     fn degrade_to_async(&self) -> Result<(), String> {
         match actuators::degrade_to_async()? {
-            Degraded::Switched { previous } => self.event(
-                "degraded_to_async",
+            Degraded::Switched { previous } => {
+                status::publish_http(|h| h.async_switches_total += 1);
+                self.event(
+                    "degraded_to_async",
+                    Level::Log,
+                    &format!(
+                        "changed replication mode to asynchronous: synchronous_standby_names was '{previous}' and is now '' \
+                         (the old value is kept in pg_keeper.saved_synchronous_standby_names)"
+                    ),
+                    None,
+                )
+            }
+            Degraded::AlreadyAsync => self.log(
                 Level::Log,
-                &format!(
-                    "changed replication mode to asynchronous: synchronous_standby_names was '{previous}' and is now '' \
-                     (the old value is kept in pg_keeper.saved_synchronous_standby_names)"
-                ),
+                "synchronous_standby_names is already empty; replication is asynchronous",
                 None,
             ),
-            Degraded::AlreadyAsync => {
-                self.log(Level::Log, "synchronous_standby_names is already empty; replication is asynchronous", None)
-            }
         }
         Ok(())
     }
@@ -224,6 +230,10 @@ impl Worker {
 
     pub(super) fn reap_after_commands(&mut self) {
         for f in self.after.poll() {
+            status::publish_http(|h| {
+                h.after_command_runs_total += 1;
+                h.after_command_last_exit = f.code;
+            });
             let level = if f.success {
                 Level::Log
             } else {

@@ -34,6 +34,11 @@ impl Worker {
             ""
         };
         status::publish(|s| s.witness.set(shown));
+        let uses_witness = self.witness.is_some();
+        status::publish_http(|h| {
+            h.uses_witness = uses_witness;
+            h.lease_mine = false;
+        });
     }
 
     /// The primary renews the lease (recording its synchronous standby when it has one); a
@@ -55,6 +60,7 @@ impl Worker {
         let Some(witness) = self.witness.as_mut() else {
             return Lease::NotConfigured;
         };
+        let asked_at = status::now();
         let result = if primary {
             let sync = synchronous_peer.then_some(peer);
             witness.claim(me, timeline, sync, lease_time, deadline)
@@ -64,6 +70,14 @@ impl Worker {
             return Lease::NotConfigured;
         };
         self.witness_result(&result);
+        // An unreachable witness changes nothing: the lease as last renewed runs out by itself.
+        if let Ok(row) = &result {
+            let held = row
+                .as_ref()
+                .filter(|r| primary && r.mine && !r.expired)
+                .map(|r| r.ms_left);
+            publish_lease(held, asked_at);
+        }
         match result {
             Err(why) => Lease::Unreachable(self.scrub(&why)),
             Ok(None) => Lease::Missing,
@@ -205,4 +219,13 @@ impl Worker {
         self.lease = Some(row);
         Ok(())
     }
+}
+
+/// Tells the HTTP listener whether this primary holds the lease and until when: `ms_left` as
+/// the witness answered, counted from before the statement was sent.
+fn publish_lease(ms_left: Option<i64>, asked_at: i64) {
+    status::publish_http(|h| {
+        h.lease_mine = ms_left.is_some();
+        h.lease_expires_at = asked_at + ms_left.unwrap_or(0).max(0) * 1000;
+    });
 }

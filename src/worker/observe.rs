@@ -10,6 +10,7 @@ use crate::db;
 use crate::heartbeat::Beat;
 use crate::identity;
 use crate::settings::Settings;
+use crate::status;
 
 /// The primary's replication view this tick, for the core.
 #[derive(Default)]
@@ -158,6 +159,7 @@ impl Worker {
         let standbys = match db::streaming_standbys() {
             Ok(s) => s,
             Err(why) => {
+                status::publish_http(|h| h.standby_lag_bytes = -1);
                 self.note_once(
                     Level::Warning,
                     format!("could not read pg_stat_replication: {why}"),
@@ -203,6 +205,10 @@ impl Worker {
             self.last_note = None;
         }
         let peer_name = self.identity.as_ref().map(|i| i.peer_name);
+        let lag = keeper_core::peer_row(&standbys, peer_name)
+            .and_then(|r| r.lag_bytes)
+            .unwrap_or(-1);
+        status::publish_http(|h| h.standby_lag_bytes = lag);
         ReplicationSummary {
             sync_in_force,
             insert_lsn,

@@ -168,6 +168,24 @@ impl Worker {
     /// Keeps the last answer and the last failure (with its reason) for the status.
     pub(super) fn publish_beat(&mut self, beat: &Beat) {
         let now = status::now();
+        // Made (answered, refused or not answered), and not answered.
+        let (made, failed) = (
+            !matches!(beat, Beat::Interrupted),
+            matches!(beat, Beat::NoAnswer(_)),
+        );
+        let sync_state = match beat {
+            Beat::Answered(f) => f.sync_state_of_asker.clone(),
+            _ => None,
+        };
+        status::publish_http(|h| {
+            h.beats += made as u64;
+            h.heartbeat_failures_total += failed as u64;
+            if let Some(state) = sync_state {
+                h.sync_state.set(&state);
+            } else if made && !failed {
+                h.sync_state.set("");
+            }
+        });
         match beat {
             Beat::Answered(_) => {
                 self.problems.refused = None;
@@ -201,9 +219,24 @@ impl Worker {
             self.settings.keepalive_count as i32,
             self.settings.keepalive_time.as_millis() as i64,
         );
+        let (mode, trusts, now) = (
+            self.keeper.mode(),
+            self.keeper.trusts_standby(),
+            status::now(),
+        );
         status::publish(|s| {
             // SAFETY: MyProcPid is this process's pid.
-            s.worker_pid = unsafe { pg_sys::MyProcPid };
+            let pid = unsafe { pg_sys::MyProcPid };
+            if s.worker_pid != pid {
+                // A new worker has made no heartbeat yet.
+                s.http.beats = 0;
+                s.http.decided_after_beat = false;
+            }
+            s.http.decided_after_beat |= s.http.beats > 0;
+            s.http.mode = Some(mode);
+            s.http.trusts_standby = trusts;
+            s.http.published_at = now;
+            s.worker_pid = pid;
             s.state.set(&state);
             s.failures = failures;
             s.keepalive_count = count;

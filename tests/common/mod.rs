@@ -177,7 +177,8 @@ impl Node {
             .ok()?;
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .find(|l| l.contains("pg_keeper"))
+            // Not the HTTP listener ("pg_keeper http"), a worker of its own.
+            .find(|l| l.contains("pg_keeper") && !l.contains("pg_keeper http"))
             .map(|l| l.trim().to_string())
     }
 
@@ -366,6 +367,13 @@ impl Node {
         self.frozen = pids;
     }
 
+    /// SIGSTOP the keeper worker alone (thawed by [`Node::thaw`] or on drop).
+    pub fn freeze_keeper(&mut self) {
+        let keeper = self.keeper_pid().expect("the keeper runs");
+        signal(keeper, "STOP");
+        self.frozen.push(keeper);
+    }
+
     pub fn thaw(&mut self) {
         for &p in &self.frozen {
             signal(p, "CONT");
@@ -389,6 +397,18 @@ impl Node {
         self.append_conf(&node_conf(self, primary));
         run(as_postgres("touch").arg(self.dir.join("standby.signal")));
         self.start();
+    }
+
+    /// Starts an old primary that finds itself superseded: it fences itself, so quickly that
+    /// pg_ctl may see it stop while it waits for the start. Waits (bounded) for the line and the
+    /// shutdown.
+    pub fn start_superseded(&self) {
+        let _ = self.try_start();
+        self.expect_log("superseded", Duration::from_secs(15));
+        assert!(
+            wait_until(Duration::from_secs(30), || self.postmaster_pid().is_none()),
+            "the superseded server did not shut down"
+        );
     }
 
     /// Ends the keeper worker with `signal` (`-9`, say) and waits, bounded, for the postmaster
@@ -622,6 +642,43 @@ pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEP
         node.make_standby_of(&self.node1);
         self.extra.push(node);
         self.extra.last().unwrap()
+    }
+
+    /// CREATE EXTENSION pg_keeper_rs on node1 (the primary), and waits (bounded) until the
+    /// standby has it too.
+    pub fn create_extension(&self) {
+        self.node1.sql("CREATE EXTENSION pg_keeper_rs").unwrap();
+        // Replicated to the standby (synchronously), where it is readable too.
+        assert!(wait_until(Duration::from_secs(10), || self
+            .node2
+            .sql("SELECT count(*) FROM pg_extension WHERE extname = 'pg_keeper_rs'")
+            .is_ok_and(|n| n == "1")));
+    }
+
+    /// Runs bin/switchover from node1 (the primary) to node2; returns whether it succeeded and
+    /// what it said.
+    pub fn switchover(&self) -> (bool, String) {
+        let out = Command::new(format!("{}/bin/switchover", env!("CARGO_MANIFEST_DIR")))
+            .arg("--datadir")
+            .arg(&self.node1.dir)
+            .args([
+                "--primary",
+                &self.node1.conninfo(),
+                "--standby",
+                &self.node2.conninfo(),
+                "--name",
+                "node1",
+            ])
+            .arg("--log")
+            .arg(&self.node1.log)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), said)
     }
 
     /// The after_command log, one line per run.
