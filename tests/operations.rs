@@ -133,6 +133,9 @@ fn a_paused_standby_does_not_promote_and_promotes_again_once_resumed() {
         "t"
     );
 
+    // Paused, the standby still heartbeats: let two more answers say it is trusted as
+    // synchronous (the arming delay), or it would hold the promotion for that reason instead.
+    sleep(Duration::from_millis(2500));
     // The primary down for longer than the budget (killed: a clean stop would get the restart
     // grace first).
     pair.node1.kill9();
