@@ -431,6 +431,7 @@ impl Node {
     /// Stops the server whatever its state; never panics.
     fn destroy(&mut self) {
         self.thaw();
+        self.kill_rejoin_processes();
         let pm = self.postmaster_pid();
         let children = self.children();
         if pm.is_some() {
@@ -445,6 +446,32 @@ impl Node {
         for p in pm.into_iter().chain(children) {
             if alive(p) {
                 signal(p, "KILL");
+            }
+        }
+    }
+}
+
+impl Node {
+    /// Kills any auto_rejoin process of this node and what it runs (src/rejoin.rs gives them
+    /// PGK_DATADIR in their environment), servers apart: one still at work when a test ends
+    /// would otherwise start the server again after it was stopped.
+    fn kill_rejoin_processes(&self) {
+        let want = format!("PGK_DATADIR={}", self.dir.display());
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(env) = fs::read(e.path().join("environ")) else {
+                continue;
+            };
+            // A server it started inherits that environment: the stop below handles it.
+            let server =
+                fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "postgres");
+            if !server && env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+                signal(pid, "KILL");
             }
         }
     }
