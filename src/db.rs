@@ -7,9 +7,6 @@ use std::panic::{RefUnwindSafe, UnwindSafe};
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use pgrx::spi::Spi;
-
-use keeper_core::StandbyRow;
 
 fn caught_message(e: &CaughtError) -> String {
     match e {
@@ -41,126 +38,6 @@ pub fn in_transaction<R>(
         }
     }
     outcome
-}
-
-/// Primary only: the streaming standbys (not counting the WAL stream of a running
-/// pg_basebackup). Read-only, so it also works while commits wait for a
-/// lost standby.
-pub fn streaming_standbys() -> Result<Vec<StandbyRow>, String> {
-    in_transaction(|| {
-        Spi::connect(|client| {
-            let rows = client
-                .select(
-                    "SELECT application_name::text, sync_state::text, \
-                            pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), flush_lsn)::int8, \
-                            pg_catalog.pg_wal_lsn_diff(flush_lsn, '0/0')::int8, \
-                            (extract(epoch FROM pg_catalog.clock_timestamp() - reply_time) * 1000)::int8 \
-                     FROM pg_catalog.pg_stat_replication WHERE state = 'streaming' \
-                       AND application_name <> 'pg_basebackup' \
-                     ORDER BY application_name",
-                    None,
-                    &[],
-                )
-                .map_err(|e| e.to_string())?;
-            let mut out = Vec::new();
-            for row in rows {
-                let text = |i| row.get::<String>(i).map(Option::unwrap_or_default);
-                out.push(StandbyRow {
-                    application_name: text(1).map_err(|e| e.to_string())?,
-                    sync_state: text(2).map_err(|e| e.to_string())?,
-                    lag_bytes: row.get::<i64>(3).map_err(|e| e.to_string())?,
-                    flush_lsn: row
-                        .get::<i64>(4)
-                        .map_err(|e| e.to_string())?
-                        .map(|l| l as u64),
-                    reply_age_ms: row.get::<i64>(5).map_err(|e| e.to_string())?,
-                });
-            }
-            Ok(out)
-        })
-    })
-}
-
-/// Primary only: writes a small WAL record (a non-transactional logical message, which needs no
-/// transaction id and works at wal_level replica) and flushes it, so that the standby's WAL
-/// receiver hears from this primary, and replies to it, on every tick even when nothing else is
-/// written: both sides' replication evidence then holds on an idle pair.
-pub fn pulse() -> Result<(), String> {
-    let lsn = in_transaction(|| {
-        Spi::connect(|client| {
-            let rows = client
-                .select(
-                    "SELECT pg_catalog.pg_wal_lsn_diff( \
-                        pg_catalog.pg_logical_emit_message(false, 'pg_keeper', ''), '0/0')::int8",
-                    Some(1),
-                    &[],
-                )
-                .map_err(|e| e.to_string())?;
-            rows.first().get_one::<i64>().map_err(|e| e.to_string())
-        })
-    })?;
-    if let Some(lsn) = lsn {
-        // SAFETY: flushing WAL up to a position this server wrote.
-        unsafe { pg_sys::XLogFlush(lsn as u64) };
-    }
-    Ok(())
-}
-
-/// Primary only: terminates the sessions whose commits wait for synchronous replication
-/// (terminate, not cancel: a cancelled wait is reported to the client as a commit). Returns how
-/// many.
-pub fn end_waiting_commits() -> Result<i64, String> {
-    terminate_sessions("wait_event = 'SyncRep'")
-}
-
-/// Terminates every client session and every logical replication session (not this process,
-/// not the physical WAL senders), and returns how many were ended.
-pub fn end_client_sessions() -> Result<i64, String> {
-    terminate_sessions(
-        "(backend_type = 'client backend' \
-          OR (backend_type = 'walsender' AND datname IS NOT NULL))",
-    )
-}
-
-/// Terminates the sessions of `pg_stat_activity` that match `condition` (other than this
-/// process), and returns how many were ended.
-fn terminate_sessions(condition: &str) -> Result<i64, String> {
-    let sql = format!(
-        "SELECT count(*) FILTER (WHERE pg_catalog.pg_terminate_backend(pid))::int8 \
-         FROM pg_catalog.pg_stat_activity \
-         WHERE pid <> pg_catalog.pg_backend_pid() AND {condition}"
-    );
-    in_transaction(|| {
-        Spi::connect(|client| {
-            let rows = client
-                .select(&sql, Some(1), &[])
-                .map_err(|e| e.to_string())?;
-            Ok(rows
-                .first()
-                .get_one::<i64>()
-                .map_err(|e| e.to_string())?
-                .unwrap_or(0))
-        })
-    })
-}
-
-/// Standby only: whether the WAL receiver streams and heard from the primary within `window_ms`.
-pub fn wal_receiver_recent(window_ms: i64) -> Result<bool, String> {
-    in_transaction(|| {
-        Spi::connect(|client| {
-            let rows = client
-                .select(
-                    "SELECT count(*)::int4 FROM pg_catalog.pg_stat_wal_receiver \
-                     WHERE status = 'streaming' \
-                       AND last_msg_receipt_time > pg_catalog.clock_timestamp() - $1 * interval '1 ms'",
-                    Some(1),
-                    &[window_ms.into()],
-                )
-                .map_err(|e| e.to_string())?;
-            let n: Option<i32> = rows.first().get_one().map_err(|e| e.to_string())?;
-            Ok(n.unwrap_or(0) > 0)
-        })
-    })
 }
 
 /// Whether commits wait for a synchronous standby now: the checkpointer has taken in a

@@ -19,6 +19,7 @@ mod http;
 mod identity;
 mod rejoin;
 mod resolve;
+mod server_views;
 mod serving;
 mod settings;
 mod sql_api;

@@ -15,8 +15,6 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PgAtomic};
 
-use crate::db;
-
 /// Set while this server refuses sessions (shared memory: every backend reads it as it logs in).
 static REFUSING: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"pg_keeper_rs refusing") };
 
@@ -66,7 +64,7 @@ unsafe extern "C-unwind" fn authenticate(port: *mut pg_sys::libpq::be::Port, sta
 /// and no read that could be stale. Returns how many sessions were ended.
 pub fn stop() -> Result<i64, String> {
     REFUSING.get().store(true, Ordering::SeqCst);
-    db::end_client_sessions()
+    crate::server_views::end_client_sessions()
 }
 
 /// Accepts sessions again.

@@ -199,11 +199,11 @@ pub fn register() {
     );
     GucRegistry::define_string_guc(
         c"pg_keeper.database",
-        c"Database the keeper's worker connects to in order to read replication views.",
-        c"",
+        c"Not used: the keeper connects to no database.",
+        c"Accepted so that configurations written for earlier versions still load; the keeper reads the replication state from shared memory.",
         &DATABASE,
         GucContext::Postmaster,
-        GucFlags::default(),
+        not_in_sample(),
     );
     GucRegistry::define_string_guc(
         c"pg_keeper.saved_synchronous_standby_names",
@@ -484,10 +484,6 @@ impl Settings {
             .filter(|a| !a.is_empty())
             .collect();
         (HTTP_PORT.get().clamp(0, 65_535) as u16, addresses)
-    }
-
-    pub fn database() -> String {
-        string_setting(&DATABASE).unwrap_or_else(|| "postgres".into())
     }
 
     /// How long a lease renewal is valid on the witness's clock (see

@@ -44,6 +44,7 @@ pub const SIGKILL: i32 = 9;
 pub const SIGHUP: i32 = 1;
 pub const SIGUSR1: i32 = 10;
 pub const SIGINT: i32 = 2;
+pub const SIGTERM: i32 = 15;
 
 /// Sends a signal; a negative pid names a process group.
 pub fn signal(pid: i32, sig: i32) -> std::io::Result<()> {

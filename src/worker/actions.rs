@@ -6,7 +6,7 @@ use super::Worker;
 use crate::actuators::{self, Degraded};
 use crate::after_command::Context;
 use crate::conninfo::Conninfo;
-use crate::db;
+use crate::server_views;
 use crate::serving;
 use crate::status;
 
@@ -86,7 +86,7 @@ impl Worker {
     /// Ends the sessions whose commits wait for the synchronous standby (see
     /// [`Action::EndWaitingCommits`]).
     fn end_waiting_commits(&self) -> Result<(), String> {
-        let n = db::end_waiting_commits()?;
+        let n = server_views::end_waiting_commits();
         if n > 0 {
             self.event(
                 "waiting_commits_ended",

@@ -38,7 +38,10 @@ const FAST_POLL: Duration = Duration::from_millis(100);
 #[no_mangle]
 pub extern "C-unwind" fn pg_keeper_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi(Some(&Settings::database()), None);
+    // Connected to no database, as the logical replication launcher is: the keeper reads the
+    // replication state from shared memory (src/server_views.rs), and a database's relation and
+    // catalog caches would cost about 1 MB of private memory (README "The HTTP endpoint's cost").
+    BackgroundWorker::connect_worker_to_spi(None, None);
     let mut worker = Worker::new();
     worker.run();
     worker.log(Level::Log, "stopping", None);

@@ -9,6 +9,7 @@ use crate::conninfo::Conninfo;
 use crate::db;
 use crate::heartbeat::Beat;
 use crate::identity;
+use crate::server_views;
 use crate::settings::Settings;
 use crate::status;
 
@@ -37,7 +38,7 @@ impl Worker {
             ReplicationSummary::default()
         };
         if replication.view.streaming {
-            if let Err(why) = db::pulse() {
+            if let Err(why) = server_views::pulse() {
                 self.note_once(
                     Level::Warning,
                     format!("could not write the keeper's WAL pulse: {why}"),
@@ -80,7 +81,8 @@ impl Worker {
             .take()
             .or(during_tick.then_some(tick_started_ms));
         let my_timeline = actuators::timeline();
-        let wal_receiver_recent = in_recovery && self.wal_receiver_recent();
+        let wal_receiver_recent =
+            in_recovery && server_views::wal_receiver_recent(self.failure_window_ms());
         let answered_by_primary = facts.is_some_and(|f| in_recovery && !f.in_recovery);
         let listed = facts.is_some_and(|f| f.sync_state_of_asker.is_some());
         if self
@@ -133,21 +135,6 @@ impl Worker {
         )))
     }
 
-    /// Whether this standby's WAL receiver heard from the primary within the failure window.
-    fn wal_receiver_recent(&mut self) -> bool {
-        match db::wal_receiver_recent(self.failure_window_ms()) {
-            Ok(recent) => recent,
-            Err(why) => {
-                self.note_once(
-                    Level::Warning,
-                    format!("could not read pg_stat_wal_receiver: {why}"),
-                    None,
-                );
-                false
-            }
-        }
-    }
-
     /// Reads `pg_stat_replication` and says what matters to the core; unusual set-ups (a second
     /// standby, a standby that synchronous_standby_names does not name) are warned about once
     /// per change.
@@ -156,7 +143,7 @@ impl Worker {
         // the standbys' flush positions.
         let sync_in_force = db::sync_in_force(sync_configured);
         let insert_lsn = db::insert_lsn();
-        let standbys = match db::streaming_standbys() {
+        let standbys = match server_views::streaming_standbys() {
             Ok(s) => s,
             Err(why) => {
                 status::publish_http(|h| h.standby_lag_bytes = -1);
