@@ -27,7 +27,15 @@ PROCESSES = {
     "checkpointer": lambda a: "checkpointer" in a,
     "walwriter": lambda a: "walwriter" in a,
     "background writer": lambda a: "background writer" in a,
+    # Background workers of PostgreSQL's own that, like the keeper, attach to shared memory
+    # without a database's caches (the launcher reads only shared catalogs).
+    "autovacuum launcher": lambda a: "autovacuum launcher" in a,
+    "logical replication launcher": lambda a: "logical replication launcher" in a,
 }
+
+# The memory target: the keeper and the listener within this many kB private (USS) of the
+# checkpointer on the same node.
+TARGET_KB = 1024
 
 
 def parse_args(argv):
@@ -84,6 +92,33 @@ def private_by_mapping(pid: int, top: int = 6) -> list[tuple[str, int]]:
             elif parts[0] in ("Private_Clean:", "Private_Dirty:"):
                 sizes[name] = sizes.get(name, 0) + int(parts[1])
     return sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
+
+
+def memory_contexts(node: Node, pid: int) -> list[str]:
+    """The PostgreSQL memory contexts of process `pid` (level 0 and 1, and the grand total), as
+    pg_log_backend_memory_contexts writes them to the server log."""
+    node.query("SELECT pg_log_backend_memory_contexts(%s)", (pid,))
+    marker = f"logging memory contexts of PID {pid}"
+    found: list[str] = []
+
+    def read() -> bool:
+        found.clear()
+        with open(node.log, errors="replace") as f:
+            text = f.read()
+        at = text.rfind(marker)
+        if at < 0:
+            return False
+        for line in text[at:].splitlines()[1:]:
+            body = line.split("LOG:  ", 1)[-1].strip()
+            if body.startswith("level: 0;") or body.startswith("level: 1;") or body.startswith("Grand total"):
+                found.append(body)
+            if body.startswith("Grand total"):
+                return True
+        return False
+
+    if not wait_until(10, read, 0.2):
+        raise BenchError(f"{node.name}: no memory context report of PID {pid} in the log")
+    return found
 
 
 def wrk(port: int, seconds: float, connections: int, delay_ms: int | None) -> dict:
@@ -167,8 +202,10 @@ def main(argv) -> int:
         memory("after checks")
         full, w_full = cpu_window(watched, args.max, lambda: wrk(h1, args.max, 8, None))
         memory("after unthrottled wrk")
-        where = {name: private_by_mapping(pid) for name, pid in pids["node1"].items()
+        where = {(node, name): private_by_mapping(pid) for node in ("node1", "node2")
+                 for name, pid in pids[node].items()
                  if name in ("keeper", "listener", "checkpointer")}
+        contexts = memory_contexts(pair.node1, pids["node1"]["keeper"])
         status = [pair.node1.title(), pair.node2.title()]
 
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -180,9 +217,24 @@ def main(argv) -> int:
                   "| phase | node | process | USS | PSS | RSS |", "|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['phase']} | {r['node']} | {r['process']} | {r['uss_kb']} | {r['pss_kb']} | {r['rss_kb']} |")
-        lines += ["", "## Where node1's private memory is (kB, largest mappings)", ""]
-        for name, top in where.items():
-            lines.append(f"- {name}: " + ", ".join(f"{os.path.basename(m) or m} {kb}" for m, kb in top))
+        lines += ["", f"## The target: keeper and listener within {TARGET_KB} kB private of the checkpointer", "",
+                  "| phase | node | checkpointer USS | keeper USS (over) | listener USS (over) | met |",
+                  "|---|---|---|---|---|---|"]
+        met_everywhere = True
+        for phase in dict.fromkeys(r["phase"] for r in rows):
+            for node in pids:
+                uss = {r["process"]: r["uss_kb"] for r in rows if r["phase"] == phase and r["node"] == node}
+                ck = uss["checkpointer"]
+                met = all(uss[p] - ck <= TARGET_KB for p in ("keeper", "listener"))
+                met_everywhere &= met
+                lines.append(f"| {phase} | {node} | {ck} | {uss['keeper']} ({uss['keeper'] - ck:+d}) | "
+                             f"{uss['listener']} ({uss['listener'] - ck:+d}) | {'yes' if met else 'NO'} |")
+        lines += ["", f"Target met in every phase on both nodes: {'yes' if met_everywhere else 'NO'}."]
+        lines += ["", "## Where the private memory is (kB, largest mappings)", ""]
+        for (node, name), top in where.items():
+            lines.append(f"- {node} {name}: " + ", ".join(f"{os.path.basename(m) or m} {kb}" for m, kb in top))
+        lines += ["", "## node1's keeper: its PostgreSQL memory contexts (pg_log_backend_memory_contexts)", "",
+                  "```", *contexts, "```"]
         rate = args.checkers / args.inter
         lines += ["", "## CPU of node1's keeper and listener (CPU seconds per second of wall time)", "",
                   "| window | keeper | listener | requests/s answered |", "|---|---|---|---|",

@@ -174,6 +174,52 @@ fn assert_no_secret(what: &str, text: &str) {
     }
 }
 
+/// Private memory of a process (USS: Private_Clean + Private_Dirty of smaps_rollup), in kB.
+fn private_kb(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The memory target (README "The HTTP endpoint's cost"): the keeper and the listener each
+/// within 1 MB private of the checkpointer, one of PostgreSQL's own background processes; and
+/// the keeper connected to no database, which is what keeps it there.
+fn assert_keeper_and_listener_small(node: &Node) {
+    let title = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .replace('\0', " ")
+    };
+    let find = |what: &str| {
+        node.children()
+            .into_iter()
+            .find(|&p| title(p).contains(what))
+            .unwrap_or_else(|| panic!("{}: no process titled {what:?}", node.name))
+    };
+    let checkpointer = private_kb(find("checkpointer"));
+    for (what, pattern) in [("keeper", "pg_keeper ("), ("listener", "pg_keeper http")] {
+        let kb = private_kb(find(pattern));
+        assert!(
+            kb > 0 && checkpointer > 0 && kb <= checkpointer + 1024,
+            "{}: the {what} has {kb} kB private, the checkpointer {checkpointer} kB: more than 1 MB apart",
+            node.name
+        );
+        eprintln!(
+            "{}: {what} {kb} kB private, checkpointer {checkpointer} kB",
+            node.name
+        );
+    }
+    assert_eq!(
+        node.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_keeper' AND datname IS NULL")
+            .unwrap(),
+        "1",
+        "{}: the keeper should be connected to no database",
+        node.name
+    );
+}
+
 #[test]
 fn every_path_answers_by_role_and_follows_a_failover_and_a_superseded_old_primary() {
     let opts = Options {
@@ -181,6 +227,8 @@ fn every_path_answers_by_role_and_follows_a_failover_and_a_superseded_old_primar
         ..Options::default()
     };
     let (pair, [h1, h2]) = http_pair("http-roles", opts);
+    assert_keeper_and_listener_small(&pair.node1);
+    assert_keeper_and_listener_small(&pair.node2);
     expect_codes("node1 (primary)", h1, &PRIMARY_CODES);
     expect_codes("node2 (standby)", h2, &STANDBY_CODES);
 

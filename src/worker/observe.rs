@@ -178,7 +178,13 @@ impl Worker {
                 ),
                 Some("Losing the peer switches replication to asynchronous even if another standby streams."),
             );
-        } else if sync_configured && !standbys.is_empty() && !synchronous {
+        } else if sync_configured
+            && !standbys.is_empty()
+            // A standby that has not yet reported a flush position is shown 'potential' for its
+            // first moments on the stream; that is no misconfiguration.
+            && standbys.iter().all(|s| s.flush_lsn.is_some())
+            && !synchronous
+        {
             self.note_once(
                 Level::Warning,
                 format!(
