@@ -1284,3 +1284,43 @@ fn pause_and_resume_wake_the_live_worker_and_the_pid_of_a_stopped_one_is_cleared
     eprintln!("[pause-latch] status pids sampled between the workers: {samples:?}; pause/resume took {took:?} ms");
     assert_eq!(node1.keeper_pid(), Some(new_pid));
 }
+
+/// The keeper runs no query (it reads shared memory), so it answers the server's procsignal
+/// requests itself: DROP DATABASE, which waits until every process has absorbed a global
+/// barrier, on the primary and in its replay on the standby, completes on both; and
+/// pg_log_backend_memory_contexts() reaches the keeper.
+#[test]
+fn drop_database_and_memory_context_requests_are_answered_by_the_keeper() {
+    let pair = Pair::connected("barriers", Options::default());
+    pair.node1.sql("CREATE DATABASE scratch").unwrap();
+    let started = Instant::now();
+    // Bounded by the harness's statement_timeout.
+    pair.node1.sql("DROP DATABASE scratch").unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "DROP DATABASE took {:?}",
+        started.elapsed()
+    );
+    // The standby's replay went past the drop when a later table shows there.
+    pair.node1.sql("CREATE TABLE after_drop (id int)").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || pair
+            .node2
+            .sql("SELECT to_regclass('after_drop') IS NOT NULL")
+            .is_ok_and(|t| t == "t")),
+        "the standby did not replay past DROP DATABASE"
+    );
+    for node in [&pair.node1, &pair.node2] {
+        let pid = node.keeper_pid().expect("the keeper runs");
+        node.sql(&format!("SELECT pg_log_backend_memory_contexts({pid})"))
+            .unwrap();
+        node.expect_log(
+            &format!("logging memory contexts of PID {pid}"),
+            Duration::from_secs(5),
+        );
+    }
+    pair.node1
+        .expect_title("master mode:connected", Duration::from_secs(5));
+    pair.node2
+        .expect_title("standby mode:connected", Duration::from_secs(5));
+}

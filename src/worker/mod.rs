@@ -120,6 +120,7 @@ impl Worker {
         self.log_setting_warnings();
         self.set_title();
         while !shutdown_requested() {
+            absorb_interrupts();
             self.reload_if_requested();
             self.follow_pause();
             let now = Instant::now();
@@ -439,6 +440,40 @@ impl Worker {
         }
         self.last_event = Some(d.event);
         d
+    }
+}
+
+/// Answers what the server asks of every process through its procsignal slot, the way the
+/// checkpointer answers it: a global barrier (DROP DATABASE waits, on the primary and in its
+/// replay on a standby, until every process has absorbed one) and
+/// `pg_log_backend_memory_contexts()`. A backend answers them in passing while it runs a query
+/// (CHECK_FOR_INTERRUPTS); the keeper runs none, so it does it here, on every wake-up.
+fn absorb_interrupts() {
+    // SAFETY: sig_atomic_t flags set by the procsignal handler, which also sets the latch.
+    let (barrier, contexts) = unsafe {
+        (
+            std::ptr::read_volatile(&raw const pg_sys::ProcSignalBarrierPending) != 0,
+            std::ptr::read_volatile(&raw const pg_sys::LogMemoryContextPending) != 0,
+        )
+    };
+    if !barrier && !contexts {
+        return;
+    }
+    // In a transaction of its own, so that an ERROR inside is caught and cannot end the worker.
+    let outcome = crate::db::in_transaction(|| {
+        // SAFETY: the functions the checkpointer calls for the same flags.
+        unsafe {
+            if barrier {
+                pg_sys::ProcessProcSignalBarrier();
+            }
+            if contexts {
+                pg_sys::ProcessLogMemoryContextInterrupt();
+            }
+        }
+        Ok(())
+    });
+    if let Err(why) = outcome {
+        warning!("pg_keeper: could not absorb a signal barrier or log the memory contexts: {why}");
     }
 }
 
