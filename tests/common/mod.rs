@@ -197,6 +197,11 @@ impl Node {
 
     /// psql against this server, with bounded connect and statement times.
     fn psql(&self, sql: &str) -> Command {
+        self.psql_as("postgres", sql)
+    }
+
+    /// psql as `user`.
+    fn psql_as(&self, user: &str, sql: &str) -> Command {
         let mut c = Command::new(format!("{BIN}/psql"));
         c.args([
             "-X",
@@ -206,7 +211,7 @@ impl Node {
             "-h",
             "127.0.0.1",
             "-U",
-            "postgres",
+            user,
         ])
         .args(["-d", "postgres", "-p", &self.port.to_string(), "-c", sql])
         .env("PGCONNECT_TIMEOUT", "3")
@@ -248,7 +253,15 @@ impl Node {
 
     /// Runs SQL through psql; `Err` carries psql's error output.
     pub fn sql(&self, sql: &str) -> Result<String, String> {
-        let out = self.psql(sql).output().map_err(|e| e.to_string())?;
+        self.sql_as("postgres", sql)
+    }
+
+    /// Runs SQL through psql as `user`.
+    pub fn sql_as(&self, user: &str, sql: &str) -> Result<String, String> {
+        let out = self
+            .psql_as(user, sql)
+            .output()
+            .map_err(|e| e.to_string())?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
@@ -258,7 +271,12 @@ impl Node {
 
     /// Starts psql in the background (for a commit that is expected to block).
     pub fn sql_background(&self, sql: &str) -> Child {
-        self.psql(sql)
+        self.sql_background_as("postgres", sql)
+    }
+
+    /// Starts psql as `user` in the background.
+    pub fn sql_background_as(&self, user: &str, sql: &str) -> Child {
+        self.psql_as(user, sql)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -700,12 +718,7 @@ pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEP
             .arg(&self.node1.log)
             .output()
             .unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), said)
+        (out.status.success(), output_text(&out))
     }
 
     /// The after_command log, one line per run.
@@ -770,5 +783,100 @@ impl Drop for Single {
             eprintln!("---- log ----\n{}", self.node.log_text());
         }
         let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// What a command printed: its standard output, then its standard error.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// One of the project's scripts (`bin/NAME`), run with the PostgreSQL the tests run.
+pub fn script(name: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(format!("{}/bin/{name}", env!("CARGO_MANIFEST_DIR")));
+    // The scripts use the PostgreSQL the tests run.
+    cmd.env("PGBIN", BIN.to_string());
+    cmd
+}
+
+/// Runs bin/rejoin to make `old` (stopped) a standby of `new_primary`; returns its output, or
+/// panics with it.
+pub fn rejoin(old: &Node, new_primary: &Node) -> String {
+    let out = script("rejoin")
+        .arg("--datadir")
+        .arg(&old.dir)
+        .args(["--primary", &new_primary.conninfo(), "--name", old.name])
+        .arg("--log")
+        .arg(&old.log)
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "rejoin failed:\n{text}");
+    text
+}
+
+/// Waits until `new` is the primary (promoted and taking writes on its own).
+pub fn expect_promoted(new: &Node) {
+    assert!(
+        wait_until(Duration::from_secs(30), || new.in_recovery() == Some(false)),
+        "{} did not promote:\n{}",
+        new.name,
+        new.keeper_log().join("\n")
+    );
+}
+
+/// Starts `old` (an old primary after a `kill -9`; `start` false: one that is still running,
+/// and stops and rejoins by itself) and waits until it has rejoined `new` by itself: in
+/// recovery, streaming synchronously, and `new`'s keeper connected to it again. Returns how
+/// long that took.
+pub fn start_and_expect_rejoined(old: &Node, new: &Node, start: bool) -> Duration {
+    let began = Instant::now();
+    if start {
+        // It may stop itself again before pg_ctl sees it up: that is the point.
+        let _ = old.try_start();
+    }
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{}' \
+         AND state = 'streaming' AND sync_state = 'sync'",
+        old.name
+    );
+    let ok = wait_until(Duration::from_secs(120), || {
+        old.in_recovery() == Some(true)
+            && new.sql(&sql).is_ok_and(|n| n == "1")
+            && new.title_is("master mode:connected")
+    });
+    assert!(
+        ok,
+        "{} did not rejoin {} as a synchronous standby by itself:\n---- {} ----\n{}\n---- {} ----\n{}",
+        old.name,
+        new.name,
+        old.name,
+        old.log_text(),
+        new.name,
+        new.keeper_log().join("\n")
+    );
+    let took = began.elapsed();
+    let log = old.log_text();
+    assert!(
+        log.contains("auto_rejoin: started the rejoin process")
+            && log.contains("pg_keeper: auto_rejoin: done: this server is a standby of"),
+        "{log}"
+    );
+    took
+}
+
+/// Background psql sessions that are killed when dropped.
+pub struct Sessions(pub Vec<Child>);
+
+impl Drop for Sessions {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
