@@ -3,9 +3,139 @@
 
 mod common;
 
-use std::time::Duration;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
 
-use common::{Options, Pair};
+use common::{wait_until, Node, Options, Pair, Sessions};
+
+/// The major of the server `node` runs.
+fn major(node: &Node) -> u32 {
+    node.sql("SELECT current_setting('server_version_num')::int / 10000")
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn require_major(node: &Node, at_least: u32, what: &str) -> u32 {
+    let m = major(node);
+    assert!(
+        m >= at_least,
+        "{what} exists from PostgreSQL {at_least}: run this test with PG_KEEPER_PG_BIN of {at_least} or later (this is {m})"
+    );
+    m
+}
+
+/// Waits until `sql` on `node` gives `want`; panics with what it gave.
+fn expect_sql(node: &Node, sql: &str, want: &str, timeout: Duration) {
+    let ok = wait_until(timeout, || node.sql(sql).is_ok_and(|v| v == want));
+    assert!(
+        ok,
+        "{}: {sql} gave {:?}, expected {want:?}",
+        node.name,
+        node.sql(sql)
+    );
+}
+
+/// PostgreSQL 16's `reserved_connections`: a heartbeat user that is not a superuser but a member
+/// of `pg_monitor` and `pg_use_reserved_connections` gets back in when the primary's ordinary
+/// slots are all taken (its heartbeat session ended to force a reconnect), so the standby keeps
+/// seeing it; without the grant the keeper warns once, with the GRANT to run. Run on 16 and
+/// later.
+#[test]
+fn a_heartbeat_user_with_a_reserved_slot_still_sees_a_full_primary() {
+    let mut pair = Pair::connected(
+        "reserved",
+        Options {
+            extra: "max_connections = 10\nsuperuser_reserved_connections = 1\nreserved_connections = 2\n".into(),
+            ..Options::default()
+        },
+    );
+    require_major(&pair.node1, 16, "reserved_connections");
+    pair.create_extension();
+    pair.node1
+        .sql("CREATE ROLE keeper LOGIN IN ROLE pg_monitor; CREATE ROLE filler LOGIN")
+        .unwrap();
+    // Both keepers heartbeat as the new user.
+    let conninfo = |n: &Node| n.conninfo().replace("user=postgres", "user=keeper");
+    let lines = format!(
+        "pg_keeper.node1_conninfo = '{}'\npg_keeper.node2_conninfo = '{}'\n",
+        conninfo(&pair.node1),
+        conninfo(&pair.node2)
+    );
+    for node in [&pair.node1, &pair.node2] {
+        node.append_conf(&lines);
+        node.reload();
+    }
+    for node in [&pair.node1, &pair.node2] {
+        node.expect_log(
+            "WARNING:  pg_keeper: the heartbeat's user \"keeper\" cannot use a reserved connection slot on",
+            Duration::from_secs(20),
+        );
+        node.expect_log(
+            "HINT:  Run on the primary (the grant replicates): GRANT pg_use_reserved_connections TO keeper;",
+            Duration::from_secs(5),
+        );
+    }
+    pair.node2
+        .expect_title("standby mode:connected", Duration::from_secs(20));
+    pair.node1
+        .sql("GRANT pg_use_reserved_connections TO keeper")
+        .unwrap();
+
+    // The primary fills up while the standby's keeper has lost its heartbeat session: held
+    // still, its session ended, every ordinary slot taken.
+    pair.node2.freeze_keeper();
+    let ended = pair
+        .node1
+        .sql(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE usename = 'keeper' AND backend_type = 'client backend'",
+        )
+        .unwrap();
+    assert_eq!(ended, "1", "the standby keeper's heartbeat session");
+    let mut sessions = Sessions(Vec::new());
+    let reserved_for = "remaining connection slots are reserved";
+    let full = wait_until(Duration::from_secs(60), || {
+        match pair.node1.sql_as("filler", "SELECT 1") {
+            Err(e) if e.contains(reserved_for) => true,
+            _ => {
+                sessions.0.push(
+                    pair.node1
+                        .sql_background_as("filler", "SELECT pg_sleep(120)"),
+                );
+                sleep(Duration::from_millis(300));
+                false
+            }
+        }
+    });
+    assert!(full, "could not take the primary's ordinary slots");
+    let thawed = Instant::now();
+    pair.node2.thaw();
+    // It is back in, through a reserved slot, and its status says the primary answered.
+    expect_sql(
+        &pair.node1,
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = 'keeper' AND backend_type = 'client backend'",
+        "1",
+        Duration::from_secs(10),
+    );
+    let answered = format!(
+        "SELECT last_heartbeat_ok > now() - interval '{} ms' AND problem IS NULL FROM pg_keeper_status",
+        thawed.elapsed().as_millis()
+    );
+    expect_sql(&pair.node2, &answered, "t", Duration::from_secs(10));
+    pair.node2
+        .expect_title("standby mode:connected", Duration::from_secs(5));
+    let still_full = pair.node1.sql_as("filler", "SELECT 1").unwrap_err();
+    assert!(still_full.contains(reserved_for), "{still_full}");
+    let log = pair.node2.keeper_log().join("\n");
+    assert!(!log.contains("refused the heartbeat"), "{log}");
+    assert_eq!(
+        log.matches("cannot use a reserved connection slot").count(),
+        1,
+        "warned once, not again once granted: {log}"
+    );
+    drop(sessions);
+}
 
 /// PostgreSQL 17's `allow_alter_system = off` would make the switch to async (ALTER SYSTEM)
 /// fail at failover time: the keeper refuses to protect the server at once, says what to set,

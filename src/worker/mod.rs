@@ -80,6 +80,8 @@ struct Worker {
     identity_hint: Option<String>,
     /// What this worker last reported as its activity (see [`Worker::publish_trust`]).
     activity: String,
+    /// The last warning about the peer's reserved connection slots, so it is given once.
+    reserved_note: Option<String>,
 }
 
 impl Worker {
@@ -103,6 +105,7 @@ impl Worker {
             problems: Problems::default(),
             identity_hint: None,
             activity: String::new(),
+            reserved_note: None,
         }
     }
 
@@ -275,6 +278,7 @@ impl Worker {
             self.identity = None;
             self.peer = None;
             self.keeper = Keeper::new();
+            self.reserved_note = None;
             status::publish(|s| s.memory = None);
             self.last_tick = None;
             self.set_title();
