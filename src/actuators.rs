@@ -41,6 +41,12 @@ pub fn restore_sync() -> Result<String, String> {
     Ok(saved)
 }
 
+/// PostgreSQL 17's `allow_alter_system = off`: ALTER SYSTEM, and so every switch to async and
+/// back, fails. The setting does not exist before 17 (then it reads as empty).
+pub fn alter_system_refused() -> bool {
+    db::setting(c"allow_alter_system") == "off"
+}
+
 /// Requests promotion the way `pg_promote()` does: the `promote` signal file in the data
 /// directory, then SIGUSR1 to the postmaster.
 pub fn promote() -> Result<(), String> {

@@ -6,7 +6,7 @@ mod common;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{wait_until, Node, Options, Pair, Sessions};
+use common::{time_until, wait_until, Node, Options, Pair, Sessions};
 
 /// The major of the server `node` runs.
 fn major(node: &Node) -> u32 {
@@ -139,44 +139,78 @@ fn a_heartbeat_user_with_a_reserved_slot_still_sees_a_full_primary() {
 
 /// PostgreSQL 17's `allow_alter_system = off` would make the switch to async (ALTER SYSTEM)
 /// fail at failover time: the keeper refuses to protect the server at once, says what to set,
-/// and protects it as soon as the setting is back on (a reload).
+/// and protects it as soon as the setting is back on (a reload); turned off by a reload while
+/// it protects, it is noticed at once, not at the next tick.
 #[test]
 fn with_allow_alter_system_off_the_keeper_refuses_to_start_and_says_what_to_set() {
     let pair = Pair::start(
         "alter-system-off",
         Options {
+            keepalive_time: "5s",
+            keepalive_count: 1,
             extra: "allow_alter_system = off\n".into(),
             ..Options::default()
         },
     );
-    let major: u32 = pair
-        .node1
-        .sql("SELECT current_setting('server_version_num')::int / 10000")
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        major >= 17,
-        "allow_alter_system exists from PostgreSQL 17: run this test with PG_KEEPER_PG_BIN of 17 or later (this is {major})"
-    );
+    require_major(&pair.node1, 17, "allow_alter_system");
+    let warning =
+        "WARNING:  pg_keeper: cannot tell which node this server is: allow_alter_system is off";
+    let hint = "HINT:  Set allow_alter_system = on";
     for node in [&pair.node1, &pair.node2] {
         node.expect_title("configuration error", Duration::from_secs(20));
-        node.expect_log(
-            "WARNING:  pg_keeper: cannot tell which node this server is: allow_alter_system is off",
-            Duration::from_secs(5),
-        );
-        node.expect_log("HINT:  Set allow_alter_system = on", Duration::from_secs(5));
+        node.expect_log(warning, Duration::from_secs(5));
+        node.expect_log(hint, Duration::from_secs(5));
     }
+    let allow = |on: bool| {
+        for node in [&pair.node1, &pair.node2] {
+            node.append_conf(&format!(
+                "allow_alter_system = {}\n",
+                if on { "on" } else { "off" }
+            ));
+            node.reload();
+        }
+    };
+    let protecting = || {
+        pair.node1
+            .expect_title("master mode:connected", Duration::from_secs(30));
+        pair.node2
+            .expect_title("standby mode:connected", Duration::from_secs(30));
+    };
+    allow(true);
+    protecting();
+
+    // Turned off by a reload while protecting: noticed at once (a tick is 5 s here).
+    allow(false);
     for node in [&pair.node1, &pair.node2] {
-        node.append_conf("allow_alter_system = on\n");
-        node.reload();
+        let took = time_until(Duration::from_secs(10), || {
+            node.title_is("configuration error")
+        })
+        .unwrap_or_else(|| panic!("{}: title {:?}", node.name, node.title()));
+        assert!(
+            took < Duration::from_secs(3),
+            "{}: took {took:?} to see allow_alter_system off",
+            node.name
+        );
+        eprintln!(
+            "[alter-system-off] {}: allow_alter_system = off seen {} ms after the reload",
+            node.name,
+            took.as_millis()
+        );
+        assert!(
+            wait_until(Duration::from_secs(5), || node
+                .log_text()
+                .matches(warning)
+                .count()
+                == 2
+                && node.log_text().matches(hint).count() == 2),
+            "{}: the WARNING and HINT again:\n{}",
+            node.name,
+            node.keeper_log().join("\n")
+        );
     }
-    pair.node1
-        .expect_title("master mode:connected", Duration::from_secs(30));
-    pair.node2
-        .expect_title("standby mode:connected", Duration::from_secs(30));
+    allow(true);
+    protecting();
     // And the switch to async works: the standby is killed, the primary degrades.
-    pair.wait_synchronous();
     pair.node2.kill9();
     pair.node1.expect_switch_to_async(Duration::from_secs(15));
 }
