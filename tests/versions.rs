@@ -6,7 +6,10 @@ mod common;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{time_until, wait_until, Node, Options, Pair, Sessions};
+use common::{
+    expect_promoted, start_and_expect_rejoined, time_until, wait_until, Node, Options, Pair,
+    Sessions,
+};
 
 /// The major of the server `node` runs.
 fn major(node: &Node) -> u32 {
@@ -213,4 +216,182 @@ fn with_allow_alter_system_off_the_keeper_refuses_to_start_and_says_what_to_set(
     // And the switch to async works: the standby is killed, the primary degrades.
     pair.node2.kill9();
     pair.node1.expect_switch_to_async(Duration::from_secs(15));
+}
+
+/// A logical consumer of a failover slot, counting the rows of `t` it has received.
+struct Consumer {
+    seen: Vec<i32>,
+}
+
+impl Consumer {
+    /// Receives every change of slot `sub` that `node` has not handed out yet.
+    fn consume(&mut self, node: &Node) {
+        let out = node
+            .sql(
+                "SELECT data FROM pg_logical_slot_get_changes('sub', NULL, NULL) \
+                 WHERE data LIKE 'table public.t: INSERT: %'",
+            )
+            .unwrap_or_else(|e| panic!("{}: consuming slot sub: {e}", node.name));
+        for line in out.lines() {
+            let i = line.rsplit(':').next().unwrap().trim().parse().unwrap();
+            self.seen.push(i);
+        }
+    }
+
+    /// Moves the slot on `primary` on (a snapshot record to decode past, then consuming), so
+    /// that its copy on a standby becomes ready for failover.
+    fn advance(&mut self, primary: &Node) {
+        primary.sql("SELECT pg_log_standby_snapshot()").unwrap();
+        self.consume(primary);
+    }
+
+    /// Waits until `standby` has slot `sub` synchronized from `primary` (`synced`, not temporary:
+    /// it would be dropped at a promotion) as far as the primary's consumer has confirmed.
+    fn wait_synced(&mut self, primary: &Node, standby: &Node) {
+        let mut advanced: Option<Instant> = None;
+        let ok = wait_until(Duration::from_secs(120), || {
+            let target = primary
+                .sql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'sub'")
+                .unwrap();
+            let ready = standby.sql(&format!(
+                "SELECT synced AND NOT temporary AND confirmed_flush_lsn >= '{target}' \
+                 FROM pg_replication_slots WHERE slot_name = 'sub'"
+            ));
+            if ready.is_ok_and(|r| r == "t") {
+                return true;
+            }
+            // The slot sync worker sleeps longer while nothing moves (up to 30 s).
+            if advanced.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
+                self.advance(primary);
+                advanced = Some(Instant::now());
+            }
+            false
+        });
+        assert!(
+            ok,
+            "{} did not synchronize slot sub from {}: {:?}\n{}",
+            standby.name,
+            primary.name,
+            standby.sql("SELECT * FROM pg_replication_slots"),
+            standby.log_text()
+        );
+    }
+}
+
+/// Waits until `node` has `synchronized_standby_slots` = `want`.
+fn expect_standby_slots(node: &Node, want: &str) {
+    expect_sql(
+        node,
+        "SELECT current_setting('synchronized_standby_slots')",
+        want,
+        Duration::from_secs(10),
+    );
+}
+
+fn insert(node: &Node, rows: std::ops::RangeInclusive<i32>) {
+    for i in rows {
+        node.sql(&format!("INSERT INTO t VALUES ({i})")).unwrap();
+    }
+}
+
+/// What the keeper leaves in force on `primary`: synchronous replication and the slot its
+/// standby streams through, for commits and for logical walsenders.
+fn expect_sync_restored(primary: &Node, standby: &str) {
+    expect_sql(
+        primary,
+        "SELECT current_setting('synchronous_standby_names') || ' / ' || current_setting('synchronized_standby_slots')",
+        &format!("node1, node2 / {standby}"),
+        Duration::from_secs(60),
+    );
+}
+
+/// PostgreSQL 17's failover slots (README "Failover slots"): a logical consumer goes on from the
+/// synchronized slot on the new primary without losing a change, after a `kill -9` and a
+/// promotion by the keeper, and again after a failover back; the old primary, rejoined by
+/// bin/rejoin and then by auto_rejoin, synchronizes the slot again as a standby. Run on 17 and
+/// later.
+#[test]
+fn failover_slots_keep_a_logical_consumer_going_across_failovers_and_rejoins() {
+    let pair = Pair::connected(
+        "failover-slots",
+        Options {
+            failover_slots: true,
+            extra: "pg_keeper.auto_rejoin = on\n".into(),
+            ..Options::default()
+        },
+    );
+    require_major(&pair.node1, 17, "sync_replication_slots");
+    let (node1, node2) = (&pair.node1, &pair.node2);
+    node1.sql("CREATE TABLE t (i int)").unwrap();
+    node1
+        .sql(
+            "SELECT pg_create_logical_replication_slot('sub', 'test_decoding', false, false, true)",
+        )
+        .unwrap();
+    let mut consumer = Consumer { seen: Vec::new() };
+    // The keeper's WAL pulse is a logical message: test_decoding shows it (README).
+    expect_sql(
+        node1,
+        "SELECT count(*) > 0 FROM pg_logical_slot_peek_changes('sub', NULL, NULL) \
+         WHERE data LIKE 'message: transactional: 0 prefix: pg_keeper,%'",
+        "t",
+        Duration::from_secs(10),
+    );
+    insert(node1, 1..=3);
+    consumer.consume(node1);
+    consumer.wait_synced(node1, node2);
+    // Committed, not yet consumed, when the primary dies.
+    insert(node1, 4..=6);
+    let began = Instant::now();
+    node1.kill9();
+    expect_promoted(node2);
+    // The keeper cleared synchronized_standby_slots: the dead node1 is waited for no more.
+    expect_standby_slots(node2, "");
+    consumer.consume(node2);
+    assert_eq!(
+        consumer.seen,
+        (1..=6).collect::<Vec<_>>(),
+        "after the failover"
+    );
+    eprintln!(
+        "[failover-slots] the consumer had every change from node2 {} ms after the kill",
+        began.elapsed().as_millis()
+    );
+
+    // bin/rejoin: node1 streams through its slot, which the new primary did not have.
+    let said = common::rejoin(node1, node2);
+    assert!(
+        said.contains("created the physical replication slot 'node1' on the new primary"),
+        "{said}"
+    );
+    expect_sync_restored(node2, "node1");
+    // node1 keeps naming its own peer's slot, not the one node2's configuration names.
+    expect_standby_slots(node1, "node2");
+    // Logical walsenders wait for node1 again, which confirms: the consumer goes on.
+    insert(node2, 7..=7);
+    consumer.consume(node2);
+    consumer.wait_synced(node2, node1);
+    insert(node2, 8..=9);
+
+    // A failover back, and auto_rejoin.
+    node2.kill9();
+    expect_promoted(node1);
+    consumer.consume(node1);
+    assert_eq!(
+        consumer.seen,
+        (1..=9).collect::<Vec<_>>(),
+        "after the failover back"
+    );
+    start_and_expect_rejoined(node2, node1, true);
+    expect_sync_restored(node1, "node2");
+    insert(node1, 10..=10);
+    consumer.consume(node1);
+    consumer.wait_synced(node1, node2);
+    assert_eq!(consumer.seen, (1..=10).collect::<Vec<_>>(), "at the end");
+    eprintln!(
+        "[failover-slots] PostgreSQL {}: two failovers, two rejoins, {} changes, none lost, in {} s",
+        major(node1),
+        consumer.seen.len(),
+        began.elapsed().as_secs()
+    );
 }

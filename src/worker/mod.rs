@@ -374,7 +374,7 @@ impl Worker {
             let message = "allow_alter_system is off, so this keeper could not switch synchronous_standby_names to async when the standby is lost, nor restore it (both use ALTER SYSTEM); not protecting this server".to_string();
             self.problems.identity = Some(message.clone());
             self.identity_hint = Some(
-                "Set allow_alter_system = on (the keeper changes only synchronous_standby_names and pg_keeper.saved_synchronous_standby_names in postgresql.auto.conf) and reload.".into(),
+                "Set allow_alter_system = on (the keeper changes only synchronous_standby_names, synchronized_standby_slots and their saved values pg_keeper.saved_* in postgresql.auto.conf) and reload.".into(),
             );
             let d = self.step(&Input::IdentityProblem(message));
             self.report(&d);

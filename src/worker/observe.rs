@@ -120,7 +120,9 @@ impl Worker {
             sync_configured,
             standby_streaming: replication.view.streaming,
             heartbeat: beat.as_ref().and_then(Beat::for_core),
-            restore_wanted: self.settings.sync_restore && Settings::saved_sync_names().is_some(),
+            restore_wanted: self.settings.sync_restore
+                && (Settings::saved_sync_names().is_some()
+                    || Settings::saved_standby_slots().is_some()),
             standby_replies_recent: replication.view.peer_replies_recent,
             standby_caught_up: replication.view.caught_up,
             wal_receiver_recent,

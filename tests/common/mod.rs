@@ -399,20 +399,23 @@ impl Node {
         self.frozen.clear();
     }
 
-    /// pg_basebackup from `primary`, streaming under this node's name, then start.
-    fn make_standby_of(&self, primary: &Node) {
-        run(as_postgres(&format!("{BIN}/pg_basebackup"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &primary.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(["-X", "stream", "-D"])
-            .arg(&self.dir));
-        self.append_conf(&node_conf(self, primary));
+    /// pg_basebackup from `primary`, streaming under this node's name (and with failover slots
+    /// through a slot of that name, which pg_basebackup creates), then start.
+    fn make_standby_of(&self, primary: &Node, failover_slots: bool) {
+        let mut cmd = as_postgres(&format!("{BIN}/pg_basebackup"));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
+        if failover_slots {
+            cmd.args(["-C", "-S", self.name]);
+        }
+        run(cmd.args(["-X", "stream", "-D"]).arg(&self.dir));
+        self.append_conf(&node_conf(self, primary, failover_slots));
         run(as_postgres("touch").arg(self.dir.join("standby.signal")));
         self.start();
     }
@@ -506,6 +509,12 @@ pub struct Options {
     /// Put passwords in the node conninfos (node1 as key=value, node2 as a URI); the servers
     /// trust local connections, so the passwords are never checked, only carried.
     pub passwords: bool,
+    /// PostgreSQL 17's failover slots, set up as the README says: each node streams through a
+    /// physical slot named after itself (`primary_slot_name`; the first standby's is made by
+    /// pg_basebackup) with `dbname` in `primary_conninfo`, names its peer's slot in
+    /// `synchronized_standby_slots`, and `wal_level = logical`, `sync_replication_slots` and
+    /// `hot_standby_feedback` are on.
+    pub failover_slots: bool,
 }
 
 impl Default for Options {
@@ -515,6 +524,7 @@ impl Default for Options {
             keepalive_count: 3,
             extra: String::new(),
             passwords: false,
+            failover_slots: false,
         }
     }
 }
@@ -565,11 +575,24 @@ fn init_primary_with_hba(node: &Node, shared_conf: &str, hba_first: &str) {
     fs::write(&hba, text).unwrap();
 }
 
-fn node_conf(node: &Node, peer: &Node) -> String {
-    format!(
-        "port = {}\ncluster_name = '{}'\nprimary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}'",
-        node.port, node.name, peer.port, node.name
-    )
+/// The lines of one node's own: its port and name, where it streams from as a standby, and with
+/// failover slots the slots it streams through and waits for.
+fn node_conf(node: &Node, peer: &Node, failover_slots: bool) -> String {
+    let mut conf = format!(
+        "port = {}\ncluster_name = '{}'\nprimary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}{}'",
+        node.port,
+        node.name,
+        peer.port,
+        node.name,
+        if failover_slots { " dbname=postgres" } else { "" }
+    );
+    if failover_slots {
+        conf.push_str(&format!(
+            "\nprimary_slot_name = '{}'\nsynchronized_standby_slots = '{}'",
+            node.name, peer.name
+        ));
+    }
+    conf
 }
 
 impl Pair {
@@ -599,12 +622,17 @@ max_wal_senders = 5
 fsync = off
 synchronous_standby_names = 'node1, node2'
 log_line_prefix = '%m [%p] '
-pg_keeper.node1_conninfo = '{}'
+{}pg_keeper.node1_conninfo = '{}'
 pg_keeper.node2_conninfo = '{}'
 pg_keeper.keepalive_time = {}
 pg_keeper.keepalive_count = {}
 pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEPER_PEER_CONNINFO\" >> {}'
 {}",
+            if opts.failover_slots {
+                "wal_level = logical\nsync_replication_slots = on\nhot_standby_feedback = on\n"
+            } else {
+                ""
+            },
                         if opts.passwords {
                 format!("{} password=pw-kv-secret", pair.node1.conninfo())
             } else {
@@ -621,9 +649,10 @@ pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEP
                         opts.extra.replace("@ROOT@", &pair.root.display().to_string())
         );
         init_primary(&pair.node1, &shared);
-        pair.node1.append_conf(&node_conf(&pair.node1, &pair.node2));
+        pair.node1
+            .append_conf(&node_conf(&pair.node1, &pair.node2, opts.failover_slots));
         pair.node1.start();
-        pair.node2.make_standby_of(&pair.node1);
+        pair.node2.make_standby_of(&pair.node1, opts.failover_slots);
         pair
     }
 
@@ -684,7 +713,7 @@ pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEP
     /// A further standby of node1 (pg_basebackup), streaming as `name`; stopped with the pair.
     pub fn add_standby(&mut self, name: &'static str) -> &Node {
         let node = Node::new(name, &self.root, free_port());
-        node.make_standby_of(&self.node1);
+        node.make_standby_of(&self.node1, false);
         self.extra.push(node);
         self.extra.last().unwrap()
     }
