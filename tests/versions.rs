@@ -39,6 +39,192 @@ fn expect_sql(node: &Node, sql: &str, want: &str, timeout: Duration) {
     );
 }
 
+/// Column names and their types, as `format_type` writes them.
+type Columns<'a> = &'a [(&'a str, &'a str)];
+
+/// The columns, functions and values of PostgreSQL's views that the keeper's queries read
+/// (src/db.rs, src/heartbeat.rs, src/worker/observe.rs): a major that renames or changes one
+/// fails here, loudly, rather than in a failover. Run on every major.
+#[test]
+fn the_replication_views_have_the_columns_and_states_the_keeper_reads() {
+    let pair = Pair::connected("views", Options::default());
+    pair.create_extension();
+    let (primary, standby) = (&pair.node1, &pair.node2);
+    let m = major(primary);
+    // Columns and their types.
+    let columns: &[(&Node, &str, Columns)] = &[
+        (
+            primary,
+            "pg_stat_replication",
+            &[
+                ("pid", "integer"),
+                ("application_name", "text"),
+                ("state", "text"),
+                ("sync_state", "text"),
+                ("flush_lsn", "pg_lsn"),
+                ("reply_time", "timestamp with time zone"),
+            ],
+        ),
+        (
+            standby,
+            "pg_stat_wal_receiver",
+            &[
+                ("status", "text"),
+                ("last_msg_receipt_time", "timestamp with time zone"),
+            ],
+        ),
+        (
+            primary,
+            "pg_stat_activity",
+            &[
+                ("pid", "integer"),
+                ("datname", "name"),
+                ("usename", "name"),
+                ("application_name", "text"),
+                ("backend_type", "text"),
+                ("wait_event", "text"),
+                ("query", "text"),
+            ],
+        ),
+        (
+            primary,
+            "pg_settings",
+            &[("name", "text"), ("setting", "text")],
+        ),
+        (primary, "pg_roles", &[("oid", "oid"), ("rolname", "name")]),
+    ];
+    for (node, view, want) in columns {
+        for (column, ty) in *want {
+            let got = node
+                .sql(&format!(
+                    "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+                     WHERE attrelid = 'pg_catalog.{view}'::regclass AND attname = '{column}' \
+                       AND NOT attisdropped"
+                ))
+                .unwrap();
+            assert_eq!(
+                got, *ty,
+                "PostgreSQL {m}: {view}.{column} is {got:?}, the keeper reads it as {ty}"
+            );
+        }
+    }
+    // The functions, called the way the keeper calls them (planned, not run).
+    for (node, call) in [
+        (primary, "pg_catalog.pg_is_in_recovery()"),
+        (
+            primary,
+            "(extract(epoch FROM pg_catalog.pg_postmaster_start_time()) * 1000000)::int8",
+        ),
+        (
+            primary,
+            "('x' || substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))::bit(32)::int8",
+        ),
+        (
+            primary,
+            "pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_logical_emit_message(false, 'pg_keeper', ''), '0/0')::int8",
+        ),
+        (
+            primary,
+            "(SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), flush_lsn)::int8 \
+              + (extract(epoch FROM pg_catalog.clock_timestamp() - reply_time) * 1000)::int8 \
+              FROM pg_catalog.pg_stat_replication LIMIT 1)",
+        ),
+        (
+            primary,
+            "(SELECT count(*) FILTER (WHERE pg_catalog.pg_terminate_backend(pid))::int8 \
+              FROM pg_catalog.pg_stat_activity WHERE pid <> pg_catalog.pg_backend_pid())",
+        ),
+        (
+            primary,
+            "(pg_catalog.current_setting('superuser_reserved_connections')::int4, \
+              pg_catalog.current_setting('reserved_connections', true)::int4, \
+              pg_catalog.current_setting('is_superuser')::bool, \
+              (SELECT pg_catalog.pg_has_role(oid, 'USAGE') FROM pg_catalog.pg_roles LIMIT 1))",
+        ),
+        (
+            standby,
+            "(SELECT count(*) FROM pg_catalog.pg_stat_wal_receiver WHERE status = 'streaming' \
+              AND last_msg_receipt_time > pg_catalog.clock_timestamp() - 1 * interval '1 ms')",
+        ),
+    ] {
+        if let Err(e) = node.sql(&format!("EXPLAIN SELECT {call}")) {
+            panic!("PostgreSQL {m}: the keeper's call {call} does not plan on {}: {e}", node.name);
+        }
+    }
+    // The states: a synchronous standby streams, listed 'sync'...
+    let row = "SELECT state || ' ' || sync_state FROM pg_stat_replication WHERE application_name = 'node2'";
+    expect_sql(primary, row, "streaming sync", Duration::from_secs(10));
+    // ... its WAL receiver streams; the keeper is a backend of type 'pg_keeper' that says whom
+    // it trusts; the WAL sender of a physical standby has no database; the standby keeper's
+    // heartbeat is a client.
+    for (node, sql, want) in [
+        (
+            standby,
+            "SELECT status || ' ' || (last_msg_receipt_time IS NOT NULL) FROM pg_stat_wal_receiver",
+            "streaming true",
+        ),
+        (
+            primary,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_keeper' \
+             AND query = 'pg_keeper: trusts as synchronous standby: node2'",
+            "1",
+        ),
+        (
+            primary,
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'walsender' \
+             AND datname IS NULL",
+            "t",
+        ),
+        (
+            primary,
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+             AND application_name = 'pg_keeper'",
+            "1",
+        ),
+    ] {
+        expect_sql(node, sql, want, Duration::from_secs(10));
+    }
+    // A quorum makes it 'quorum'; a standby not named is 'async', and a commit then waits with
+    // wait_event 'SyncRep'. The keeper is paused meanwhile: it would switch to async.
+    primary.sql("CREATE TABLE views_t (i int)").unwrap();
+    primary.sql("SELECT pg_keeper_pause('2 minutes')").unwrap();
+    let names = |v: &str| {
+        primary
+            .sql(&format!(
+                "ALTER SYSTEM SET synchronous_standby_names = '{v}'"
+            ))
+            .unwrap();
+        primary.reload();
+    };
+    names("ANY 1 (node1, node2)");
+    expect_sql(primary, row, "streaming quorum", Duration::from_secs(10));
+    names("nosuch");
+    expect_sql(primary, row, "streaming async", Duration::from_secs(10));
+    let _commit = Sessions(vec![
+        primary.sql_background("INSERT INTO views_t VALUES (1)")
+    ]);
+    expect_sql(
+        primary,
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+         AND wait_event = 'SyncRep'",
+        "1",
+        Duration::from_secs(10),
+    );
+    primary
+        .sql("ALTER SYSTEM RESET synchronous_standby_names")
+        .unwrap();
+    primary.reload();
+    expect_sql(
+        primary,
+        "SELECT count(*) FROM views_t",
+        "1",
+        Duration::from_secs(10),
+    );
+    expect_sql(primary, row, "streaming sync", Duration::from_secs(10));
+    primary.sql("SELECT pg_keeper_resume()").unwrap();
+    eprintln!("[views] PostgreSQL {m}: every column, call and state the keeper reads is there");
+}
+
 /// PostgreSQL 16's `reserved_connections`: a heartbeat user that is not a superuser but a member
 /// of `pg_monitor` and `pg_use_reserved_connections` gets back in when the primary's ordinary
 /// slots are all taken (its heartbeat session ended to force a reconnect), so the standby keeps
