@@ -559,7 +559,9 @@ fn failover_slots_keep_a_logical_consumer_going_across_failovers_and_rejoins() {
     consumer.wait_synced(node2, node1);
     insert(node2, 8..=9);
 
-    // A failover back, and auto_rejoin.
+    // A failover back (once node1 counts itself synchronous: it promotes only then), and
+    // auto_rejoin.
+    pair.wait_synchronous();
     node2.kill9();
     expect_promoted(node1);
     consumer.consume(node1);
