@@ -1,6 +1,7 @@
 //! The two things the keeper does to its own server: switch replication to asynchronous, and
 //! promote. Each reports failure as a reason; neither can end the worker.
 
+use std::ffi::CStr;
 use std::path::PathBuf;
 
 use pgrx::pg_sys;
@@ -8,37 +9,77 @@ use pgrx::pg_sys;
 use crate::db;
 use crate::sys;
 
-/// What a switch to asynchronous replication changed.
-pub enum Degraded {
-    /// `synchronous_standby_names` was cleared; the old value is kept for a later restore.
-    Switched { previous: String },
-    /// It was already empty: nothing to do.
-    AlreadyAsync,
+/// PostgreSQL 17's failover slots: logical walsenders wait for the standbys of the physical
+/// slots named here before they send a change, as commits wait for `synchronous_standby_names`;
+/// a lost standby stops logical replication as it stops commits. The setting does not exist
+/// before 17 (then it reads as empty and is never written).
+const STANDBY_SLOTS: &CStr = c"synchronized_standby_slots";
+
+/// What a switch to asynchronous replication changed: the old values, kept for a later restore
+/// (None: that setting was already empty).
+pub struct SyncSettings {
+    pub names: Option<String>,
+    pub slots: Option<String>,
 }
 
-/// Saves `synchronous_standby_names` in `pg_keeper.saved_synchronous_standby_names`, sets it to
-/// `''` (both with ALTER SYSTEM, so it survives a restart) and reloads, which releases every
-/// commit waiting for the lost standby.
-pub fn degrade_to_async() -> Result<Degraded, String> {
-    let previous = db::setting(c"synchronous_standby_names");
-    if previous.trim().is_empty() {
-        return Ok(Degraded::AlreadyAsync);
+/// Saves `synchronous_standby_names` in `pg_keeper.saved_synchronous_standby_names` and, from
+/// PostgreSQL 17, `synchronized_standby_slots` in `pg_keeper.saved_synchronized_standby_slots`,
+/// sets both to `''` (with ALTER SYSTEM, so it survives a restart) and reloads, which releases
+/// every commit and every logical walsender waiting for the lost standby. Nothing to do when
+/// both are empty already.
+pub fn degrade_to_async() -> Result<SyncSettings, String> {
+    let set = |name: &CStr| Some(db::setting(name)).filter(|v| !v.trim().is_empty());
+    let (names, slots) = (set(c"synchronous_standby_names"), set(STANDBY_SLOTS));
+    // Every old value is saved before anything is cleared.
+    if let Some(v) = &names {
+        db::alter_system("pg_keeper.saved_synchronous_standby_names", Some(v))?;
     }
-    db::alter_system("pg_keeper.saved_synchronous_standby_names", Some(&previous))?;
-    db::alter_system("synchronous_standby_names", Some(""))?;
-    db::reload_configuration()?;
-    Ok(Degraded::Switched { previous })
+    if let Some(v) = &slots {
+        db::alter_system("pg_keeper.saved_synchronized_standby_slots", Some(v))?;
+    }
+    if names.is_some() {
+        db::alter_system("synchronous_standby_names", Some(""))?;
+    }
+    if slots.is_some() {
+        db::alter_system("synchronized_standby_slots", Some(""))?;
+    }
+    if names.is_some() || slots.is_some() {
+        db::reload_configuration()?;
+    }
+    Ok(SyncSettings { names, slots })
 }
 
-/// Puts back the `synchronous_standby_names` saved by [`degrade_to_async`] (with ALTER SYSTEM),
-/// clears the saved value and reloads. Returns the value restored.
-pub fn restore_sync() -> Result<String, String> {
-    let saved = crate::settings::Settings::saved_sync_names()
-        .ok_or_else(|| "no saved synchronous_standby_names to restore".to_string())?;
-    db::alter_system("synchronous_standby_names", Some(&saved))?;
-    db::alter_system("pg_keeper.saved_synchronous_standby_names", None)?;
+/// Puts back what [`degrade_to_async`] saved (with ALTER SYSTEM), clears the saved values and
+/// reloads. Returns the values restored.
+pub fn restore_sync() -> Result<SyncSettings, String> {
+    use crate::settings::Settings;
+    let (names, slots) = (
+        Settings::saved_sync_names(),
+        Settings::saved_standby_slots(),
+    );
+    if names.is_none() && slots.is_none() {
+        return Err("no saved synchronous_standby_names to restore".to_string());
+    }
+    if let Some(v) = &names {
+        db::alter_system("synchronous_standby_names", Some(v))?;
+    }
+    if let Some(v) = &slots {
+        db::alter_system("synchronized_standby_slots", Some(v))?;
+    }
+    if names.is_some() {
+        db::alter_system("pg_keeper.saved_synchronous_standby_names", None)?;
+    }
+    if slots.is_some() {
+        db::alter_system("pg_keeper.saved_synchronized_standby_slots", None)?;
+    }
     db::reload_configuration()?;
-    Ok(saved)
+    Ok(SyncSettings { names, slots })
+}
+
+/// PostgreSQL 17's `allow_alter_system = off`: ALTER SYSTEM, and so every switch to async and
+/// back, fails. The setting does not exist before 17 (then it reads as empty).
+pub fn alter_system_refused() -> bool {
+    db::setting(c"allow_alter_system") == "off"
 }
 
 /// Requests promotion the way `pg_promote()` does: the `promote` signal file in the data

@@ -12,7 +12,7 @@ use std::time::Instant;
 use libpq_sys as pq;
 use pgrx::pg_sys;
 
-use keeper_core::Heartbeat;
+use keeper_core::{Heartbeat, ReservedSlots};
 
 /// What the node said about itself when it answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +81,17 @@ const HEARTBEAT_SQL: &CStr = c"SELECT pg_catalog.pg_is_in_recovery(), \
         LIMIT 1) END, \
     (SELECT setting <> '' FROM pg_catalog.pg_settings WHERE name = 'pg_keeper.witness_conninfo'), \
     (SELECT query FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_keeper' LIMIT 1)";
+
+/// What a node says of its reserved connection slots and of the heartbeat's user (see
+/// keeper_core::ReservedSlots). `reserved_connections` and `pg_use_reserved_connections` exist
+/// from PostgreSQL 16: NULL before.
+const RESERVED_SLOTS_SQL: &CStr =
+    c"SELECT pg_catalog.current_setting('server_version_num')::int4, \
+    current_user::text, pg_catalog.current_setting('is_superuser')::bool, \
+    pg_catalog.current_setting('superuser_reserved_connections')::int4, \
+    pg_catalog.current_setting('reserved_connections', true)::int4, \
+    (SELECT pg_catalog.pg_has_role(oid, 'USAGE') FROM pg_catalog.pg_roles \
+        WHERE rolname = 'pg_use_reserved_connections')";
 
 /// How the keeper's activity in `pg_stat_activity` says whom it trusts as the synchronous
 /// standby (see `Worker::publish_trust`): this, then the node name, or nothing for nobody.
@@ -172,6 +183,8 @@ pub struct Node {
     /// ([`Node::take_announcement`]): between queries (the notice receiver) or as a query's
     /// error, before the connection was replaced.
     announced: bool,
+    /// A connection was made since this was last taken ([`Node::take_new_connection`]).
+    new_connection: bool,
 }
 
 #[derive(Default)]
@@ -248,6 +261,7 @@ impl Node {
             notice: Box::default(),
             announced: false,
             asker: CString::default(),
+            new_connection: false,
         }
     }
 
@@ -372,6 +386,7 @@ impl Node {
             poll = unsafe { pq::PQconnectPoll(conn) };
         }
         *self.notice = Notice::default();
+        self.new_connection = true;
         // SAFETY: the box outlives the connection (both belong to self; the connection is
         // finished first, in disconnect).
         unsafe {
@@ -494,6 +509,26 @@ impl Node {
         std::mem::take(&mut self.announced)
     }
 
+    /// Whether a connection was made since the last call (the kept connection is a new one).
+    pub fn take_new_connection(&mut self) -> bool {
+        std::mem::take(&mut self.new_connection)
+    }
+
+    /// Asks the node, on the kept connection, about its reserved connection slots and the
+    /// heartbeat's user (see [`RESERVED_SLOTS_SQL`]). Never connects: it is asked right after
+    /// an answered heartbeat on a new connection.
+    pub fn reserved_slots(&mut self, deadline: Instant) -> Result<ReservedSlots, String> {
+        if self.conn.is_null() {
+            return Err("no connection".into());
+        }
+        match self.run_once(RESERVED_SLOTS_SQL, &[], deadline) {
+            Ok(Reply::Rows(rows)) => read_reserved_slots(&rows),
+            Ok(Reply::Error(msg)) => Err(msg),
+            Err(Beat::NoAnswer(why) | Beat::Refused(why)) => Err(why),
+            Err(_) => Err("interrupted".into()),
+        }
+    }
+
     /// Whether a connection is kept.
     pub fn is_connected(&self) -> bool {
         !self.conn.is_null()
@@ -580,6 +615,27 @@ fn read_reply(res: *mut pq::PGresult) -> Reply {
                     .to_string(),
             ),
         }
+    }
+}
+
+fn read_reserved_slots(rows: &[Vec<Option<String>>]) -> Result<ReservedSlots, String> {
+    let [row] = rows else {
+        return Err("the answer could not be read".into());
+    };
+    let field = |i: usize| row.get(i).cloned().flatten();
+    let number = |i: usize| field(i).and_then(|v| v.parse::<u32>().ok());
+    match (number(0), field(1), field(2), number(3)) {
+        (Some(server_version_num), Some(user), Some(superuser), Some(superuser_reserved)) => {
+            Ok(ReservedSlots {
+                server_version_num,
+                user,
+                superuser: superuser == "t",
+                superuser_reserved,
+                reserved: number(4),
+                member_of_reserved_role: field(5).map(|v| v == "t"),
+            })
+        }
+        _ => Err("the answer could not be read".into()),
     }
 }
 

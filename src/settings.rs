@@ -39,6 +39,11 @@ pub static DATABASE: GucSetting<Option<CString>> =
 /// Written by the keeper (through ALTER SYSTEM) when it switches to asynchronous replication:
 /// the `synchronous_standby_names` that was in force before.
 pub static SAVED_SYNC_NAMES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Written by the keeper with the above (PostgreSQL 17 and later): the
+/// `synchronized_standby_slots` in force before, which logical walsenders of failover slots
+/// wait for as commits wait for the synchronous standby.
+pub static SAVED_STANDBY_SLOTS: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(None);
 
 /// The HTTP listener's port; 0 (the default) starts no listener.
 pub static HTTP_PORT: GucSetting<i32> = GucSetting::<i32>::new(0);
@@ -210,6 +215,16 @@ pub fn register() {
         c"synchronous_standby_names before the keeper switched to asynchronous replication.",
         c"Written by pg_keeper with ALTER SYSTEM; not meant to be set by hand.",
         &SAVED_SYNC_NAMES,
+        GucContext::Sighup,
+        not_in_sample() | GucFlags::SUPERUSER_ONLY,
+    );
+    // synchronized_standby_slots exists from PostgreSQL 17.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    GucRegistry::define_string_guc(
+        c"pg_keeper.saved_synchronized_standby_slots",
+        c"synchronized_standby_slots before the keeper switched to asynchronous replication.",
+        c"Written by pg_keeper with ALTER SYSTEM; not meant to be set by hand.",
+        &SAVED_STANDBY_SLOTS,
         GucContext::Sighup,
         not_in_sample() | GucFlags::SUPERUSER_ONLY,
     );
@@ -473,6 +488,11 @@ impl Settings {
     /// The `synchronous_standby_names` saved when the keeper switched to async, if any.
     pub fn saved_sync_names() -> Option<String> {
         string_setting(&SAVED_SYNC_NAMES)
+    }
+
+    /// The `synchronized_standby_slots` saved when the keeper switched to async (17 and later).
+    pub fn saved_standby_slots() -> Option<String> {
+        string_setting(&SAVED_STANDBY_SLOTS)
     }
 
     /// The HTTP listener's port (0: none) and addresses, as set at server start.

@@ -196,32 +196,6 @@ fn a_pause_with_an_interval_ends_by_itself() {
     assert!(bad.contains("duration must be positive"), "{bad}");
 }
 
-fn script(name: &str) -> std::process::Command {
-    let mut cmd = std::process::Command::new(format!("{}/bin/{name}", env!("CARGO_MANIFEST_DIR")));
-    // The scripts use the PostgreSQL the tests run.
-    cmd.env("PGBIN", common::BIN.to_string());
-    cmd
-}
-
-/// Runs bin/rejoin; returns its output, or panics with it.
-fn rejoin(old: &common::Node, new_primary: &common::Node) -> String {
-    let out = script("rejoin")
-        .arg("--datadir")
-        .arg(&old.dir)
-        .args(["--primary", &new_primary.conninfo(), "--name", old.name])
-        .arg("--log")
-        .arg(&old.log)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "rejoin failed:\n{text}");
-    text
-}
-
 fn count(node: &common::Node) -> String {
     node.sql("SELECT count(*) FROM t").unwrap()
 }
@@ -240,7 +214,7 @@ fn the_old_primary_rejoins_and_the_pair_fails_over_back_with_all_data() {
         .unwrap();
 
     // A running server (here the current primary) is never touched.
-    let refused = script("rejoin")
+    let refused = common::script("rejoin")
         .arg("--datadir")
         .arg(&pair.node2.dir)
         .args(["--primary", &pair.node1.conninfo(), "--name", "node2"])
@@ -252,7 +226,7 @@ fn the_old_primary_rejoins_and_the_pair_fails_over_back_with_all_data() {
         "{refused:?}"
     );
 
-    let said = rejoin(&pair.node1, &pair.node2);
+    let said = common::rejoin(&pair.node1, &pair.node2);
     assert!(said.contains("node1 is streaming"), "{said}");
     pair.node1
         .expect_title("standby mode:connected", Duration::from_secs(20));
@@ -274,7 +248,7 @@ fn the_old_primary_rejoins_and_the_pair_fails_over_back_with_all_data() {
     time_until(BUDGET + MARGIN, || pair.node1.in_recovery() == Some(false))
         .expect("no failover back");
     assert_eq!(count(&pair.node1), "300");
-    rejoin(&pair.node2, &pair.node1);
+    common::rejoin(&pair.node2, &pair.node1);
     pair.node2
         .expect_title("standby mode:connected", Duration::from_secs(20));
     pair.node1

@@ -6,66 +6,16 @@
 mod common;
 
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::partition::{Checker, Mode, ProxiedPair, Verdict};
-use common::{wait_until, Node, Options, Pair};
+use common::{expect_promoted, start_and_expect_rejoined, wait_until, Node, Options, Pair};
 
 fn rejoining() -> Options {
     Options {
         extra: "pg_keeper.auto_rejoin = on\n".into(),
         ..Options::default()
     }
-}
-
-/// Waits until `new` is the primary (promoted and taking writes on its own).
-fn expect_promoted(new: &Node) {
-    assert!(
-        wait_until(Duration::from_secs(30), || new.in_recovery() == Some(false)),
-        "{} did not promote:\n{}",
-        new.name,
-        new.keeper_log().join("\n")
-    );
-}
-
-/// Starts `old` (an old primary after a `kill -9`; `start` false: one that is still running,
-/// and stops and rejoins by itself) and waits until it has rejoined `new` by itself: in
-/// recovery, streaming synchronously, and `new`'s keeper connected to it again. Returns how
-/// long that took.
-fn start_and_expect_rejoined(old: &Node, new: &Node, start: bool) -> Duration {
-    let began = Instant::now();
-    if start {
-        // It may stop itself again before pg_ctl sees it up: that is the point.
-        let _ = old.try_start();
-    }
-    let sql = format!(
-        "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{}' \
-         AND state = 'streaming' AND sync_state = 'sync'",
-        old.name
-    );
-    let ok = wait_until(Duration::from_secs(120), || {
-        old.in_recovery() == Some(true)
-            && new.sql(&sql).is_ok_and(|n| n == "1")
-            && new.title_is("master mode:connected")
-    });
-    assert!(
-        ok,
-        "{} did not rejoin {} as a synchronous standby by itself:\n---- {} ----\n{}\n---- {} ----\n{}",
-        old.name,
-        new.name,
-        old.name,
-        old.log_text(),
-        new.name,
-        new.keeper_log().join("\n")
-    );
-    let took = began.elapsed();
-    let log = old.log_text();
-    assert!(
-        log.contains("auto_rejoin: started the rejoin process")
-            && log.contains("pg_keeper: auto_rejoin: done: this server is a standby of"),
-        "{log}"
-    );
-    took
 }
 
 fn expect_every_row(v: &Verdict, primary: &str) {

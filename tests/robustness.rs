@@ -9,22 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{time_until, wait_until, Node, Options, Pair, Single, BIN, SWITCHING_TO_ASYNC};
+use common::{
+    time_until, wait_until, Node, Options, Pair, Sessions, Single, BIN, SWITCHING_TO_ASYNC,
+};
 
 const BUDGET: Duration = Duration::from_secs(3);
 const MARGIN: Duration = Duration::from_secs(12);
-
-/// Background psql sessions that are killed when dropped.
-struct Sessions(Vec<Child>);
-
-impl Drop for Sessions {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 #[test]
 fn bad_settings_are_rejected_with_the_setting_named_and_the_old_value_kept() {

@@ -20,9 +20,11 @@
 use std::fmt;
 
 mod lease;
+mod reserved;
 mod trust;
 mod view;
 pub use lease::{lease_time_ms, LeaseRow, LEASE_MARGIN_MS};
+pub use reserved::{ReservedAdvice, ReservedSlots};
 pub use trust::{StandbySeen, SyncTrust};
 pub use view::{peer_row, ReplicationView, StandbyRow};
 

@@ -3,7 +3,7 @@
 use keeper_core::{Action, AfterEvent, Input, Level};
 
 use super::Worker;
-use crate::actuators::{self, Degraded};
+use crate::actuators;
 use crate::after_command::Context;
 use crate::conninfo::Conninfo;
 use crate::server_views;
@@ -71,13 +71,18 @@ impl Worker {
     }
 
     fn restore_sync(&self) -> Result<(), String> {
-        let names = actuators::restore_sync()?;
+        let restored = actuators::restore_sync()?;
+        let mut said = Vec::new();
+        if let Some(names) = &restored.names {
+            said.push(format!("synchronous_standby_names is '{names}' again"));
+        }
+        if let Some(slots) = &restored.slots {
+            said.push(format!("synchronized_standby_slots is '{slots}' again"));
+        }
         self.event(
             "sync_restored",
             Level::Log,
-            &format!(
-                "restored synchronous replication: synchronous_standby_names is '{names}' again"
-            ),
+            &format!("restored synchronous replication: {}", said.join("; ")),
             None,
         );
         Ok(())
@@ -164,20 +169,35 @@ impl Worker {
     }
 
     fn degrade_to_async(&self) -> Result<(), String> {
-        match actuators::degrade_to_async()? {
-            Degraded::Switched { previous } => {
+        let changed = actuators::degrade_to_async()?;
+        // Logical walsenders of failover slots wait for synchronized_standby_slots (17+).
+        let slots = changed.slots.as_ref().map(|s| {
+            format!(
+                "synchronized_standby_slots was '{s}' and is now '', so logical replication no longer waits for the lost standby \
+                 (kept in pg_keeper.saved_synchronized_standby_slots)"
+            )
+        });
+        match (&changed.names, slots) {
+            (Some(previous), slots) => {
                 status::publish_http(|h| h.async_switches_total += 1);
+                let slots = slots.map(|s| format!("; {s}")).unwrap_or_default();
                 self.event(
                     "degraded_to_async",
                     Level::Log,
                     &format!(
                         "changed replication mode to asynchronous: synchronous_standby_names was '{previous}' and is now '' \
-                         (the old value is kept in pg_keeper.saved_synchronous_standby_names)"
+                         (the old value is kept in pg_keeper.saved_synchronous_standby_names){slots}"
                     ),
                     None,
                 )
             }
-            Degraded::AlreadyAsync => self.log(
+            (None, Some(slots)) => self.event(
+                "degraded_to_async",
+                Level::Log,
+                &format!("synchronous_standby_names is already empty; {slots}"),
+                None,
+            ),
+            (None, None) => self.log(
                 Level::Log,
                 "synchronous_standby_names is already empty; replication is asynchronous",
                 None,

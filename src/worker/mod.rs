@@ -83,6 +83,8 @@ struct Worker {
     identity_hint: Option<String>,
     /// What this worker last reported as its activity (see [`Worker::publish_trust`]).
     activity: String,
+    /// The last warning about the peer's reserved connection slots, so it is given once.
+    reserved_note: Option<String>,
 }
 
 impl Worker {
@@ -106,6 +108,7 @@ impl Worker {
             problems: Problems::default(),
             identity_hint: None,
             activity: String::new(),
+            reserved_note: None,
         }
     }
 
@@ -254,6 +257,15 @@ impl Worker {
             pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP);
         }
         let _ = BackgroundWorker::sighup_received();
+        // PostgreSQL 17's allow_alter_system turned off by this reload: the next switch to
+        // async or back would fail. Stop protecting now and say so (see identify()), rather
+        // than at failover time.
+        if self.identity.is_some() && actuators::alter_system_refused() {
+            self.forget_identity();
+        } else if self.identity.is_none() {
+            // Not identified yet: the reload may have fixed what was in the way; try now.
+            self.last_tick = None;
+        }
         let new = Settings::load();
         if new == self.settings {
             return;
@@ -276,13 +288,19 @@ impl Worker {
                 "node conninfo changed; identifying this node again",
                 None,
             );
-            self.identity = None;
-            self.peer = None;
-            self.keeper = Keeper::new();
-            status::publish(|s| s.memory = None);
-            self.last_tick = None;
-            self.set_title();
+            self.forget_identity();
         }
+    }
+
+    /// Starts again from identification, at once: this keeper protects nothing until then.
+    fn forget_identity(&mut self) {
+        self.identity = None;
+        self.peer = None;
+        self.keeper = Keeper::new();
+        self.reserved_note = None;
+        status::publish(|s| s.memory = None);
+        self.last_tick = None;
+        self.set_title();
     }
 
     fn core_settings(&self) -> keeper_core::Settings {
@@ -356,11 +374,11 @@ impl Worker {
     fn identify(&mut self, in_recovery: bool) {
         // PostgreSQL 17's allow_alter_system = off would make every switch to async and back
         // fail at failover time: refuse to protect the server now, and say what to set.
-        if crate::db::setting(c"allow_alter_system") == "off" {
+        if actuators::alter_system_refused() {
             let message = "allow_alter_system is off, so this keeper could not switch synchronous_standby_names to async when the standby is lost, nor restore it (both use ALTER SYSTEM); not protecting this server".to_string();
             self.problems.identity = Some(message.clone());
             self.identity_hint = Some(
-                "Set allow_alter_system = on (the keeper changes only synchronous_standby_names and pg_keeper.saved_synchronous_standby_names in postgresql.auto.conf) and reload.".into(),
+                "Set allow_alter_system = on (the keeper changes only synchronous_standby_names, synchronized_standby_slots and their saved values pg_keeper.saved_* in postgresql.auto.conf) and reload.".into(),
             );
             let d = self.step(&Input::IdentityProblem(message));
             self.report(&d);

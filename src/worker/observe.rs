@@ -1,7 +1,7 @@
 //! What one tick observes, turned into the core's [`Observation`]: the primary's replication
 //! view, the heartbeat's facts, this standby's WAL receiver and the name it streams under.
 
-use keeper_core::{Input, Level, Observation, ReplicationView};
+use keeper_core::{Input, Level, Observation, ReplicationView, ReservedSlots};
 
 use super::Worker;
 use crate::actuators;
@@ -51,6 +51,7 @@ impl Worker {
         } else {
             String::new()
         };
+        let mut reserved = None;
         let beat = if mode.heartbeats() {
             let deadline = self.call_deadline();
             let peer = self.peer.as_mut()?;
@@ -58,6 +59,13 @@ impl Worker {
             let mut beat = peer.beat(deadline);
             if beat == Beat::Interrupted {
                 return None;
+            }
+            // On a new connection, ask once whether the heartbeat's user could still get in
+            // were the peer full (a reserved slot).
+            if let Beat::Answered(f) = &beat {
+                if !identity::is_me(f) && peer.take_new_connection() {
+                    reserved = Some((peer.reserved_slots(deadline), f.in_recovery));
+                }
             }
             if matches!(&beat, Beat::Answered(f) if identity::is_me(f)) {
                 // The peer's conninfo now reaches this very server (a moved address, say): that
@@ -70,6 +78,9 @@ impl Worker {
         } else {
             None
         };
+        if let Some((slots, peer_in_recovery)) = reserved {
+            self.follow_reserved_slots(slots, peer_in_recovery);
+        }
         let facts = match &beat {
             Some(Beat::Answered(f)) => Some(f),
             _ => None,
@@ -111,7 +122,9 @@ impl Worker {
             sync_configured,
             standby_streaming: replication.view.streaming,
             heartbeat: beat.as_ref().and_then(Beat::for_core),
-            restore_wanted: self.settings.sync_restore && Settings::saved_sync_names().is_some(),
+            restore_wanted: self.settings.sync_restore
+                && (Settings::saved_sync_names().is_some()
+                    || Settings::saved_standby_slots().is_some()),
             standby_replies_recent: replication.view.peer_replies_recent,
             standby_caught_up: replication.view.caught_up,
             wal_receiver_recent,
@@ -133,6 +146,44 @@ impl Worker {
             my_timeline,
             me,
         )))
+    }
+
+    /// Warns, once per change, when the heartbeat's user cannot use a reserved connection slot
+    /// on the peer (keeper_core::ReservedSlots says when, and what to do).
+    fn follow_reserved_slots(
+        &mut self,
+        slots: Result<ReservedSlots, String>,
+        peer_in_recovery: bool,
+    ) {
+        let Some(id) = &self.identity else {
+            return;
+        };
+        let role = if peer_in_recovery {
+            "standby"
+        } else {
+            "primary"
+        };
+        let server = format!("{role} {}", id.peer_display());
+        match slots {
+            Ok(slots) => match slots.advice(&server, id.peer_name) {
+                Some(a) if self.reserved_note.as_ref() != Some(&a.message) => {
+                    self.event(
+                        "configuration_problem",
+                        Level::Warning,
+                        &a.message,
+                        Some(&a.hint),
+                    );
+                    self.reserved_note = Some(a.message);
+                }
+                Some(_) => {}
+                None => self.reserved_note = None,
+            },
+            Err(why) => self.log(
+                Level::Debug,
+                &format!("could not ask {server} about its reserved connection slots: {why}"),
+                None,
+            ),
+        }
     }
 
     /// Reads `pg_stat_replication` and says what matters to the core; unusual set-ups (a second

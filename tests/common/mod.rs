@@ -197,6 +197,11 @@ impl Node {
 
     /// psql against this server, with bounded connect and statement times.
     fn psql(&self, sql: &str) -> Command {
+        self.psql_as("postgres", sql)
+    }
+
+    /// psql as `user`.
+    fn psql_as(&self, user: &str, sql: &str) -> Command {
         let mut c = Command::new(format!("{BIN}/psql"));
         c.args([
             "-X",
@@ -206,7 +211,7 @@ impl Node {
             "-h",
             "127.0.0.1",
             "-U",
-            "postgres",
+            user,
         ])
         .args(["-d", "postgres", "-p", &self.port.to_string(), "-c", sql])
         .env("PGCONNECT_TIMEOUT", "3")
@@ -248,7 +253,15 @@ impl Node {
 
     /// Runs SQL through psql; `Err` carries psql's error output.
     pub fn sql(&self, sql: &str) -> Result<String, String> {
-        let out = self.psql(sql).output().map_err(|e| e.to_string())?;
+        self.sql_as("postgres", sql)
+    }
+
+    /// Runs SQL through psql as `user`.
+    pub fn sql_as(&self, user: &str, sql: &str) -> Result<String, String> {
+        let out = self
+            .psql_as(user, sql)
+            .output()
+            .map_err(|e| e.to_string())?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
         } else {
@@ -258,7 +271,12 @@ impl Node {
 
     /// Starts psql in the background (for a commit that is expected to block).
     pub fn sql_background(&self, sql: &str) -> Child {
-        self.psql(sql)
+        self.sql_background_as("postgres", sql)
+    }
+
+    /// Starts psql as `user` in the background.
+    pub fn sql_background_as(&self, user: &str, sql: &str) -> Child {
+        self.psql_as(user, sql)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -381,20 +399,23 @@ impl Node {
         self.frozen.clear();
     }
 
-    /// pg_basebackup from `primary`, streaming under this node's name, then start.
-    fn make_standby_of(&self, primary: &Node) {
-        run(as_postgres(&format!("{BIN}/pg_basebackup"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &primary.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(["-X", "stream", "-D"])
-            .arg(&self.dir));
-        self.append_conf(&node_conf(self, primary));
+    /// pg_basebackup from `primary`, streaming under this node's name (and with failover slots
+    /// through a slot of that name, which pg_basebackup creates), then start.
+    fn make_standby_of(&self, primary: &Node, failover_slots: bool) {
+        let mut cmd = as_postgres(&format!("{BIN}/pg_basebackup"));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
+        if failover_slots {
+            cmd.args(["-C", "-S", self.name]);
+        }
+        run(cmd.args(["-X", "stream", "-D"]).arg(&self.dir));
+        self.append_conf(&node_conf(self, primary, failover_slots));
         run(as_postgres("touch").arg(self.dir.join("standby.signal")));
         self.start();
     }
@@ -488,6 +509,12 @@ pub struct Options {
     /// Put passwords in the node conninfos (node1 as key=value, node2 as a URI); the servers
     /// trust local connections, so the passwords are never checked, only carried.
     pub passwords: bool,
+    /// PostgreSQL 17's failover slots, set up as the README says: each node streams through a
+    /// physical slot named after itself (`primary_slot_name`; the first standby's is made by
+    /// pg_basebackup) with `dbname` in `primary_conninfo`, names its peer's slot in
+    /// `synchronized_standby_slots`, and `wal_level = logical`, `sync_replication_slots` and
+    /// `hot_standby_feedback` are on.
+    pub failover_slots: bool,
 }
 
 impl Default for Options {
@@ -497,6 +524,7 @@ impl Default for Options {
             keepalive_count: 3,
             extra: String::new(),
             passwords: false,
+            failover_slots: false,
         }
     }
 }
@@ -547,11 +575,24 @@ fn init_primary_with_hba(node: &Node, shared_conf: &str, hba_first: &str) {
     fs::write(&hba, text).unwrap();
 }
 
-fn node_conf(node: &Node, peer: &Node) -> String {
-    format!(
-        "port = {}\ncluster_name = '{}'\nprimary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}'",
-        node.port, node.name, peer.port, node.name
-    )
+/// The lines of one node's own: its port and name, where it streams from as a standby, and with
+/// failover slots the slots it streams through and waits for.
+fn node_conf(node: &Node, peer: &Node, failover_slots: bool) -> String {
+    let mut conf = format!(
+        "port = {}\ncluster_name = '{}'\nprimary_conninfo = 'host=127.0.0.1 port={} user=postgres application_name={}{}'",
+        node.port,
+        node.name,
+        peer.port,
+        node.name,
+        if failover_slots { " dbname=postgres" } else { "" }
+    );
+    if failover_slots {
+        conf.push_str(&format!(
+            "\nprimary_slot_name = '{}'\nsynchronized_standby_slots = '{}'",
+            node.name, peer.name
+        ));
+    }
+    conf
 }
 
 impl Pair {
@@ -581,12 +622,17 @@ max_wal_senders = 5
 fsync = off
 synchronous_standby_names = 'node1, node2'
 log_line_prefix = '%m [%p] '
-pg_keeper.node1_conninfo = '{}'
+{}pg_keeper.node1_conninfo = '{}'
 pg_keeper.node2_conninfo = '{}'
 pg_keeper.keepalive_time = {}
 pg_keeper.keepalive_count = {}
 pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEPER_PEER_CONNINFO\" >> {}'
 {}",
+            if opts.failover_slots {
+                "wal_level = logical\nsync_replication_slots = on\nhot_standby_feedback = on\n"
+            } else {
+                ""
+            },
                         if opts.passwords {
                 format!("{} password=pw-kv-secret", pair.node1.conninfo())
             } else {
@@ -603,9 +649,10 @@ pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEP
                         opts.extra.replace("@ROOT@", &pair.root.display().to_string())
         );
         init_primary(&pair.node1, &shared);
-        pair.node1.append_conf(&node_conf(&pair.node1, &pair.node2));
+        pair.node1
+            .append_conf(&node_conf(&pair.node1, &pair.node2, opts.failover_slots));
         pair.node1.start();
-        pair.node2.make_standby_of(&pair.node1);
+        pair.node2.make_standby_of(&pair.node1, opts.failover_slots);
         pair
     }
 
@@ -666,7 +713,7 @@ pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEP
     /// A further standby of node1 (pg_basebackup), streaming as `name`; stopped with the pair.
     pub fn add_standby(&mut self, name: &'static str) -> &Node {
         let node = Node::new(name, &self.root, free_port());
-        node.make_standby_of(&self.node1);
+        node.make_standby_of(&self.node1, false);
         self.extra.push(node);
         self.extra.last().unwrap()
     }
@@ -700,12 +747,7 @@ pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEP
             .arg(&self.node1.log)
             .output()
             .unwrap();
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), said)
+        (out.status.success(), output_text(&out))
     }
 
     /// The after_command log, one line per run.
@@ -770,5 +812,100 @@ impl Drop for Single {
             eprintln!("---- log ----\n{}", self.node.log_text());
         }
         let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// What a command printed: its standard output, then its standard error.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// One of the project's scripts (`bin/NAME`), run with the PostgreSQL the tests run.
+pub fn script(name: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(format!("{}/bin/{name}", env!("CARGO_MANIFEST_DIR")));
+    // The scripts use the PostgreSQL the tests run.
+    cmd.env("PGBIN", BIN.to_string());
+    cmd
+}
+
+/// Runs bin/rejoin to make `old` (stopped) a standby of `new_primary`; returns its output, or
+/// panics with it.
+pub fn rejoin(old: &Node, new_primary: &Node) -> String {
+    let out = script("rejoin")
+        .arg("--datadir")
+        .arg(&old.dir)
+        .args(["--primary", &new_primary.conninfo(), "--name", old.name])
+        .arg("--log")
+        .arg(&old.log)
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "rejoin failed:\n{text}");
+    text
+}
+
+/// Waits until `new` is the primary (promoted and taking writes on its own).
+pub fn expect_promoted(new: &Node) {
+    assert!(
+        wait_until(Duration::from_secs(30), || new.in_recovery() == Some(false)),
+        "{} did not promote:\n{}",
+        new.name,
+        new.keeper_log().join("\n")
+    );
+}
+
+/// Starts `old` (an old primary after a `kill -9`; `start` false: one that is still running,
+/// and stops and rejoins by itself) and waits until it has rejoined `new` by itself: in
+/// recovery, streaming synchronously, and `new`'s keeper connected to it again. Returns how
+/// long that took.
+pub fn start_and_expect_rejoined(old: &Node, new: &Node, start: bool) -> Duration {
+    let began = Instant::now();
+    if start {
+        // It may stop itself again before pg_ctl sees it up: that is the point.
+        let _ = old.try_start();
+    }
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_replication WHERE application_name = '{}' \
+         AND state = 'streaming' AND sync_state = 'sync'",
+        old.name
+    );
+    let ok = wait_until(Duration::from_secs(120), || {
+        old.in_recovery() == Some(true)
+            && new.sql(&sql).is_ok_and(|n| n == "1")
+            && new.title_is("master mode:connected")
+    });
+    assert!(
+        ok,
+        "{} did not rejoin {} as a synchronous standby by itself:\n---- {} ----\n{}\n---- {} ----\n{}",
+        old.name,
+        new.name,
+        old.name,
+        old.log_text(),
+        new.name,
+        new.keeper_log().join("\n")
+    );
+    let took = began.elapsed();
+    let log = old.log_text();
+    assert!(
+        log.contains("auto_rejoin: started the rejoin process")
+            && log.contains("pg_keeper: auto_rejoin: done: this server is a standby of"),
+        "{log}"
+    );
+    took
+}
+
+/// Background psql sessions that are killed when dropped.
+pub struct Sessions(pub Vec<Child>);
+
+impl Drop for Sessions {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

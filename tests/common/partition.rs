@@ -410,7 +410,7 @@ impl Witness {
             node: Node::new(name, root, free_port()),
             own_root: None,
         };
-        standby.node.make_standby_of(&self.node);
+        standby.node.make_standby_of(&self.node, false);
         standby
     }
 
