@@ -43,25 +43,23 @@ pub fn in_transaction<R>(
 /// Whether commits wait for a synchronous standby now: the checkpointer has taken in a
 /// non-empty `synchronous_standby_names` (the setting in the file, or even in this process, may
 /// be ahead of it). Before the checkpointer first processed the setting, backends go by their
-/// own copy of it, and so does this (`own_setting`).
+/// own copy of it, and so does this (`own_setting`). How the byte reads depends on the running
+/// server's minor version ([`keeper_core::sync_standbys_in_force`]).
 pub fn sync_in_force(own_setting: bool) -> bool {
-    // PostgreSQL's flags for WalSndCtlData.sync_standbys_status (replication/walsender_private.h).
-    const SYNC_STANDBY_INIT: u8 = 1 << 0;
-    const SYNC_STANDBY_DEFINED: u8 = 1 << 1;
+    // Unknown (never, in practice): the layout of the headers this was built against.
+    static VERSION: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let version =
+        *VERSION.get_or_init(|| setting(c"server_version_num").parse().unwrap_or(i64::MAX));
     // SAFETY: WalSndCtl is set up in shared memory before any worker starts; one byte, read
     // without the lock as SyncRepWaitForLSN does first.
-    let status = unsafe {
+    let byte = unsafe {
         let ctl = pg_sys::WalSndCtl;
         if ctl.is_null() {
             return own_setting;
         }
         std::ptr::read_volatile(&raw const (*ctl).sync_standbys_status)
     };
-    if status & SYNC_STANDBY_INIT == 0 {
-        own_setting
-    } else {
-        status & SYNC_STANDBY_DEFINED != 0
-    }
+    keeper_core::sync_standbys_in_force(byte, version, own_setting)
 }
 
 /// The WAL insert position, as an LSN.

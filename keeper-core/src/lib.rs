@@ -26,7 +26,7 @@ mod view;
 pub use lease::{lease_time_ms, LeaseRow, LEASE_MARGIN_MS};
 pub use reserved::{ReservedAdvice, ReservedSlots};
 pub use trust::{StandbySeen, SyncTrust};
-pub use view::{peer_row, ReplicationView, StandbyRow};
+pub use view::{peer_row, sync_standbys_in_force, ReplicationView, StandbyRow};
 
 /// What the keeper is doing. The process title, the log and the status all show this one value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

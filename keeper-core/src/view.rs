@@ -82,3 +82,60 @@ impl ReplicationView {
         }
     }
 }
+
+/// Whether commits wait for a synchronous standby now, from the byte of PostgreSQL's
+/// `WalSndCtlData` that the checkpointer sets from `synchronous_standby_names` (read by the
+/// worker), the running server's `server_version_num`, and this process's own copy of the
+/// setting (`own_setting`).
+///
+/// The minor releases of May 2025 (14.18, 15.13, 16.9, 17.5; 18 from the start) turned that
+/// byte, `bool sync_standbys_defined`, into the flags `sync_standbys_status` at the same place:
+/// `SYNC_STANDBY_INIT` (the checkpointer has processed the setting once) and
+/// `SYNC_STANDBY_DEFINED`. Before the checkpointer has processed it, backends go by their own
+/// copy, and so does this. A library built against a newer minor's headers may run on an older
+/// server of the same major, where the byte is the bool.
+pub fn sync_standbys_in_force(byte: u8, server_version_num: i64, own_setting: bool) -> bool {
+    const SYNC_STANDBY_INIT: u8 = 1 << 0;
+    const SYNC_STANDBY_DEFINED: u8 = 1 << 1;
+    let first_with_flags = match server_version_num / 10_000 {
+        ..=13 => i64::MAX,
+        14 => 140_018,
+        15 => 150_013,
+        16 => 160_009,
+        17 => 170_005,
+        _ => 0,
+    };
+    if server_version_num < first_with_flags {
+        byte != 0
+    } else if byte & SYNC_STANDBY_INIT == 0 {
+        own_setting
+    } else {
+        byte & SYNC_STANDBY_DEFINED != 0
+    }
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::sync_standbys_in_force as in_force;
+
+    #[test]
+    fn the_byte_is_read_as_flags_from_the_minor_that_made_it_flags() {
+        // INIT | DEFINED, INIT alone, not yet initialised.
+        for v in [
+            140_018, 150_013, 150_020, 160_009, 170_005, 170_011, 180_000, 180_006,
+        ] {
+            assert!(in_force(0b11, v, false), "{v}");
+            assert!(!in_force(0b01, v, true), "{v}");
+            assert!(in_force(0b00, v, true), "{v}");
+            assert!(!in_force(0b00, v, false), "{v}");
+        }
+    }
+
+    #[test]
+    fn before_that_minor_the_byte_is_the_bool_sync_standbys_defined() {
+        for v in [140_017, 150_012, 150_000, 160_008, 170_004, 130_020] {
+            assert!(in_force(1, v, false), "{v}");
+            assert!(!in_force(0, v, true), "{v}");
+        }
+    }
+}
