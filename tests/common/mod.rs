@@ -61,12 +61,24 @@ pub const SWITCHING_TO_ASYNC: &str = "lost; switching to asynchronous replicatio
 /// The keeper's line once the switch is done (synchronous_standby_names cleared).
 pub const SWITCHED_TO_ASYNC: &str = "changed replication mode to asynchronous";
 
+/// A port nothing listens on now, and never handed out before in this test process: a port
+/// given for a listener that starts later (a node's HTTP port) could otherwise be given again
+/// to the next server before the first binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind 127.0.0.1:0")
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port not handed out before in 1000 tries");
 }
 
 fn run(cmd: &mut Command) -> Output {
