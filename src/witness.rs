@@ -19,8 +19,9 @@ pub use keeper_core::LeaseRow;
 
 use crate::heartbeat::{Beat, Node, Reply};
 
-/// Made once per connection; `IF NOT EXISTS` because both nodes may try. Every statement names
-/// the table with its schema and runs with a fixed `search_path` (see [`SESSION_SQL`]).
+/// Made once per connection; `IF NOT EXISTS` because both nodes may try (at the same moment:
+/// see [`Witness::prepare`]). Every statement names the table with its schema and runs with a
+/// fixed `search_path` (see [`SESSION_SQL`]).
 const CREATE_SQL: &CStr = c"CREATE TABLE IF NOT EXISTS public.pg_keeper_lease (
     id int PRIMARY KEY CHECK (id = 1),
     holder text NOT NULL,
@@ -203,7 +204,10 @@ impl Witness {
         if field(3).as_deref() == Some("off") {
             return Err("the witness server runs with fsync = off: a lease there could be lost in a crash and then taken twice".into());
         }
+        // Both nodes may make it at the same moment: the one whose CREATE waited on the other's
+        // gets a duplicate-key error once that one commits, and then finds the table there.
         run(&mut self.node, CREATE_SQL)
+            .or_else(|_| run(&mut self.node, CREATE_SQL))
             .and_then(|_| run(&mut self.node, NEEDS_UPGRADE_SQL))
             .and_then(
                 |rows| match rows.first().and_then(|r| r.first().cloned().flatten()) {

@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -956,6 +957,19 @@ fn a_primary_isolated_from_both_ends_the_sessions_waiting_for_synchronous_replic
 }
 
 /// What `node` shows about the witness in pg_keeper_status.
+/// Waits (at most 20 s) for a valid lease held by node1 that names node2 as synchronous.
+fn expect_lease_of_node1_naming_node2(pp: &ProxiedPair) {
+    assert!(
+        wait_until(Duration::from_secs(20), || pp
+            .lease()
+            .is_some_and(|l| l.0 == "node1"
+                && l.2.as_deref() == Some("node2")
+                && l.3)),
+        "no lease held by node1 naming node2: {:?}",
+        pp.lease()
+    );
+}
+
 fn witness_status(node: &Node) -> String {
     node.sql("SELECT witness FROM pg_keeper_status")
         .unwrap_or_else(|e| e)
@@ -1037,15 +1051,7 @@ fn a_witness_in_recovery_or_with_fsync_off_is_refused_until_it_is_fit() {
         node.expect_log("the witness is usable again", Duration::from_secs(15));
     }
     pp.witness = Some(standby);
-    assert!(
-        wait_until(Duration::from_secs(20), || pp
-            .lease()
-            .is_some_and(|l| l.0 == "node1"
-                && l.2.as_deref() == Some("node2")
-                && l.3)),
-        "no lease held by node1 naming node2: {:?}",
-        pp.lease()
-    );
+    expect_lease_of_node1_naming_node2(&pp);
     for node in pp.nodes() {
         eprintln!(
             "[w-unfit-witness] {}: {}",
@@ -1348,4 +1354,55 @@ fn a_standby_without_the_witness_beside_a_primary_with_one_does_not_promote() {
     );
     let v = conclude("w-standby-without-witness", &pp, checker, "node1");
     assert_eq!(v.acknowledged_by[1], 0, "{v:?}");
+}
+
+/// Both keepers make the lease table on a new witness. When one's `CREATE TABLE IF NOT EXISTS`
+/// waits on the other's, it fails with a duplicate key once that one commits: a CI run saw a
+/// keeper warn "cannot use the witness" so, for a witness that was fine. Here the race is made
+/// certain: a session holds the same table uncommitted while the keepers are given the witness;
+/// it commits once a keeper waits on it. No keeper may warn, and the lease is made.
+#[test]
+fn keepers_making_the_lease_table_at_the_same_moment_do_not_warn() {
+    let mut pp = ProxiedPair::connected("w-create-race", Options::default());
+    let witness = Witness::create(&pp.pair.root);
+    let mut session = witness.node.session();
+    let mut stdin = session.stdin.take().expect("psql's stdin");
+    writeln!(
+        stdin,
+        "BEGIN;\nCREATE TABLE public.pg_keeper_lease (id int PRIMARY KEY CHECK (id = 1), \
+         holder text NOT NULL, epoch bigint NOT NULL, timeline int NOT NULL, sync_standby text, \
+         expires_at timestamptz NOT NULL, renewed_at timestamptz NOT NULL, \
+         promoting boolean NOT NULL DEFAULT false, system_identifier text);"
+    )
+    .expect("write to psql");
+    stdin.flush().expect("write to psql");
+    let waiting = || {
+        witness
+            .sql(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'CREATE TABLE IF NOT EXISTS%'",
+            )
+            .ok()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    pp.use_witness(witness.port());
+    let waited = wait_until(Duration::from_secs(15), || waiting() >= 1);
+    writeln!(stdin, "COMMIT;").expect("write to psql");
+    drop(stdin);
+    let ended = wait_until(Duration::from_secs(10), || {
+        session.try_wait().ok().flatten().is_some()
+    });
+    assert!(waited, "no keeper's CREATE TABLE waited on the session's");
+    assert!(ended, "the psql session did not end");
+    pp.witness = Some(witness);
+    expect_lease_of_node1_naming_node2(&pp);
+    for node in pp.nodes() {
+        let warned: Vec<String> = node
+            .keeper_log()
+            .into_iter()
+            .filter(|l| l.contains("cannot use the witness"))
+            .collect();
+        assert!(warned.is_empty(), "{}: {warned:?}", node.name);
+    }
 }

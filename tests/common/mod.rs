@@ -214,6 +214,13 @@ impl Node {
 
     /// psql as `user`.
     fn psql_as(&self, user: &str, sql: &str) -> Command {
+        let mut c = self.psql_command(user);
+        c.args(["-c", sql]);
+        c
+    }
+
+    /// psql as `user` on this node, with no statement yet.
+    fn psql_command(&self, user: &str) -> Command {
         let mut c = Command::new(format!("{BIN}/psql"));
         c.args([
             "-X",
@@ -225,7 +232,7 @@ impl Node {
             "-U",
             user,
         ])
-        .args(["-d", "postgres", "-p", &self.port.to_string(), "-c", sql])
+        .args(["-d", "postgres", "-p", &self.port.to_string()])
         .env("PGCONNECT_TIMEOUT", "3")
         .env("PGOPTIONS", "-c statement_timeout=20s");
         c
@@ -284,6 +291,17 @@ impl Node {
     /// Starts psql in the background (for a commit that is expected to block).
     pub fn sql_background(&self, sql: &str) -> Child {
         self.sql_background_as("postgres", sql)
+    }
+
+    /// Starts a psql session that reads its statements from its stdin (write them there; it
+    /// ends when stdin is closed), to hold a transaction open across other steps.
+    pub fn session(&self) -> Child {
+        self.psql_command("postgres")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start psql")
     }
 
     /// Starts psql as `user` in the background.
