@@ -38,8 +38,11 @@ pub enum Beat {
     Answered(NodeFacts),
     /// The node answered but refused: alive, not a failure.
     Refused(String),
-    /// No answer before the deadline, or the connection was refused or reset.
+    /// No answer: the connection was refused or reset, or the name did not resolve.
     NoAnswer(String),
+    /// No answer before the deadline: the node is hung or cut off (it neither answered, nor
+    /// refused, nor reset the connection).
+    Late(String),
     /// The worker was asked to stop while waiting.
     Interrupted,
 }
@@ -63,7 +66,7 @@ impl Beat {
         match self {
             Beat::Answered(_) => Some(Heartbeat::Answered),
             Beat::Refused(why) => Some(Heartbeat::Refused(why.clone())),
-            Beat::NoAnswer(why) => Some(Heartbeat::NoAnswer(why.clone())),
+            Beat::NoAnswer(why) | Beat::Late(why) => Some(Heartbeat::NoAnswer(why.clone())),
             Beat::Interrupted => None,
         }
     }
@@ -374,7 +377,7 @@ impl Node {
                 Wait::Ready => {}
                 Wait::Deadline => {
                     self.disconnect();
-                    return Err(Beat::NoAnswer(
+                    return Err(Beat::Late(
                         "no answer to the connection attempt before the deadline".into(),
                     ));
                 }
@@ -426,7 +429,7 @@ impl Node {
             return Err(Beat::NoAnswer(error_message(conn)));
         }
         let sock = unsafe { pq::PQsocket(conn) };
-        let late = || Beat::NoAnswer("no answer before the deadline".into());
+        let late = || Beat::Late("no answer before the deadline".into());
         // Flush the query out.
         loop {
             match unsafe { pq::PQflush(conn) } {
@@ -496,7 +499,8 @@ impl Node {
     /// as a notice just before the connection broke.
     fn note_announcement(&mut self, reply: &Result<Reply, Beat>) {
         let said = match reply {
-            Ok(Reply::Error(msg)) | Err(Beat::NoAnswer(msg) | Beat::Refused(msg)) => {
+            Ok(Reply::Error(msg))
+            | Err(Beat::NoAnswer(msg) | Beat::Late(msg) | Beat::Refused(msg)) => {
                 announces_shutdown(msg)
             }
             _ => false,
@@ -524,7 +528,7 @@ impl Node {
         match self.run_once(RESERVED_SLOTS_SQL, &[], deadline) {
             Ok(Reply::Rows(rows)) => read_reserved_slots(&rows),
             Ok(Reply::Error(msg)) => Err(msg),
-            Err(Beat::NoAnswer(why) | Beat::Refused(why)) => Err(why),
+            Err(Beat::NoAnswer(why) | Beat::Late(why) | Beat::Refused(why)) => Err(why),
             Err(_) => Err("interrupted".into()),
         }
     }
@@ -547,15 +551,13 @@ impl Node {
         }
         let mut reply = self.query(sql, params, deadline);
         self.note_announcement(&reply);
+        // A kept connection that broke (not one that waited out the deadline): once more on a
+        // new one.
         if retry && reused && matches!(reply, Err(Beat::NoAnswer(_))) && Instant::now() < deadline {
-            let deadline_passed =
-                matches!(&reply, Err(Beat::NoAnswer(w)) if w.contains("deadline"));
-            if !deadline_passed {
-                reply = self
-                    .connect(deadline)
-                    .and_then(|()| self.query(sql, params, deadline));
-                self.note_announcement(&reply);
-            }
+            reply = self
+                .connect(deadline)
+                .and_then(|()| self.query(sql, params, deadline));
+            self.note_announcement(&reply);
         }
         if reply.is_err() {
             self.disconnect();

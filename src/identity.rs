@@ -54,7 +54,9 @@ fn describe(beat: &Beat) -> String {
     match beat {
         Beat::Answered(f) if is_me(f) => "reaches this server".into(),
         Beat::Answered(f) => format!("reaches another server (port {})", f.port),
-        Beat::Refused(why) | Beat::NoAnswer(why) => format!("could not be asked: {why}"),
+        Beat::Refused(why) | Beat::NoAnswer(why) | Beat::Late(why) => {
+            format!("could not be asked: {why}")
+        }
         Beat::Interrupted => "not asked: shutting down".into(),
     }
 }

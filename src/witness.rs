@@ -169,7 +169,7 @@ pub struct Witness {
 
 fn describe_failure(beat: Beat) -> String {
     match beat {
-        Beat::NoAnswer(why) | Beat::Refused(why) => why,
+        Beat::NoAnswer(why) | Beat::Late(why) | Beat::Refused(why) => why,
         Beat::Interrupted => "interrupted by a shutdown request".into(),
         Beat::Answered(_) => "unexpected answer".into(),
     }
@@ -240,11 +240,9 @@ impl Witness {
         if kept && Instant::now() < deadline {
             // The kept connection had broken (the witness restarted, say): once more on a new
             // one, set up first, within the same deadline.
-            if let Err(Beat::NoAnswer(why)) = &reply {
-                if !why.contains("deadline") {
-                    self.prepare(deadline)?;
-                    reply = self.node.run_once(sql, params, deadline);
-                }
+            if let Err(Beat::NoAnswer(_)) = &reply {
+                self.prepare(deadline)?;
+                reply = self.node.run_once(sql, params, deadline);
             }
         }
         match reply {

@@ -720,6 +720,14 @@ struct PeerRestart {
 /// How long after the primary is back the WAL receiver is woken (every tick) until it streams.
 pub const WAKE_FOR_MS: u64 = 10_000;
 
+impl PeerRestart {
+    /// Whether the primary is back and its standby's WAL receiver is still being woken: less
+    /// than [`WAKE_FOR_MS`] since it answered again.
+    fn waking(&self, now_ms: u64) -> bool {
+        self.back_ms.is_some_and(|b| now_ms < b + WAKE_FOR_MS)
+    }
+}
+
 /// What a restarted worker needs to go on where the last one stopped: the worker keeps it in
 /// shared memory, which lasts as long as the server runs. The log's once-per-reason memory and
 /// the promotion request time are not kept (a resumed promotion is asked for again).
@@ -941,11 +949,7 @@ impl Keeper {
     /// again. Failures are not counted meanwhile, so this acts on nothing sooner.
     pub fn polls_fast(&self, now_ms: u64, s: &Settings) -> bool {
         matches!(self.mode, StandbyConnected)
-            && (self.in_restart_grace(now_ms, s)
-                || self
-                    .restart
-                    .and_then(|r| r.back_ms)
-                    .is_some_and(|b| now_ms < b + WAKE_FOR_MS))
+            && (self.in_restart_grace(now_ms, s) || self.restart.is_some_and(|r| r.waking(now_ms)))
     }
 
     /// (Standby.) Notes the primary's announcement of a clean shutdown, before the tick's
@@ -982,7 +986,7 @@ impl Keeper {
                     self.restart = None;
                 } else if r.back_ms.is_none() {
                     r.back_ms = Some(obs.now_ms);
-                } else if r.back_ms.is_some_and(|b| obs.now_ms >= b + WAKE_FOR_MS) {
+                } else if !r.waking(obs.now_ms) {
                     self.restart = None;
                 }
             }
@@ -1184,9 +1188,7 @@ impl Keeper {
                             obs.now_ms.saturating_sub(r.announced_ms)
                         ),
                     ),
-                    Some(b) if obs.now_ms < b + WAKE_FOR_MS => {
-                        (E::PeerBackNotStreaming, String::new())
-                    }
+                    Some(_) if r.waking(obs.now_ms) => (E::PeerBackNotStreaming, String::new()),
                     Some(_) => (E::HeartbeatOk, String::new()),
                 }
             }

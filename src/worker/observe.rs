@@ -130,7 +130,7 @@ impl Worker {
             wal_receiver_recent,
             lease,
             peer_announced_shutdown_ms: announced,
-            heartbeat_timed_out: matches!(&beat, Some(Beat::NoAnswer(why)) if why.contains("before the deadline")),
+            heartbeat_timed_out: matches!(beat, Some(Beat::Late(_))),
             ..Observation::default()
         };
         let answer = facts.map(|f| keeper_core::PeerAnswer {

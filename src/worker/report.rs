@@ -171,7 +171,7 @@ impl Worker {
         // Made (answered, refused or not answered), and not answered.
         let (made, failed) = (
             !matches!(beat, Beat::Interrupted),
-            matches!(beat, Beat::NoAnswer(_)),
+            matches!(beat, Beat::NoAnswer(_) | Beat::Late(_)),
         );
         let sync_state = match beat {
             Beat::Answered(f) => f.sync_state_of_asker.clone(),
@@ -195,7 +195,7 @@ impl Worker {
                 self.problems.refused = Some(self.scrub(&format!("answered but refused: {why}")));
                 status::publish(|s| s.last_answer = now)
             }
-            Beat::NoAnswer(why) => {
+            Beat::NoAnswer(why) | Beat::Late(why) => {
                 let why = self.scrub(why);
                 status::publish(|s| {
                     s.last_failure = now;
