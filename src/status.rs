@@ -79,6 +79,10 @@ pub struct Shared {
     /// What the decision core needs to go on after a restart of the worker (not of the server):
     /// written after every decision and every action.
     pub memory: Option<keeper_core::Memory>,
+    /// Where the core's clock starts: when this server's first keeper worker started. A
+    /// restarted worker's clock goes on from there, so the times in `memory` stay right.
+    /// (`Instant` is CLOCK_MONOTONIC, the same in every process.)
+    pub clock_origin: Option<std::time::Instant>,
     /// What the HTTP listener answers from (see `src/http`), published by the keeper.
     pub http: ForHttp,
 }
@@ -143,6 +147,7 @@ impl Default for Shared {
             events: [EventRecord::default(); HISTORY],
             total: 0,
             memory: None,
+            clock_origin: None,
             http: ForHttp {
                 standby_lag_bytes: -1,
                 ..ForHttp::default()
@@ -206,6 +211,15 @@ pub fn pause_state() -> (bool, i64) {
 /// The keeper's memory left by an earlier worker of this server, if any.
 pub fn memory() -> Option<keeper_core::Memory> {
     STATUS.share().memory
+}
+
+/// The start of the core's clock: set by this server's first keeper worker, the same for every
+/// worker after it.
+pub fn clock_origin() -> std::time::Instant {
+    *STATUS
+        .exclusive()
+        .clock_origin
+        .get_or_insert_with(std::time::Instant::now)
 }
 
 /// Updates the part of the status the HTTP listener reads.

@@ -223,3 +223,53 @@ fn an_immediate_shutdown_is_a_crash_and_gets_no_grace() {
     assert!(!log.contains("announced a clean shutdown"), "{log}");
     expect_every_row_on_node2(&pair, checker);
 }
+
+/// The standby's keeper worker is restarted (SIGTERM, as pg_terminate_backend) while the
+/// primary is down for a planned restart. The new worker must keep the grace: no failover while
+/// the primary is away past the failover budget, and streaming again once it is back. Before
+/// the fix the new worker forgot the announcement and promoted after three failed heartbeats.
+#[test]
+fn a_standby_keeper_restarted_during_a_planned_restart_keeps_the_grace() {
+    let pair = pair("grace-resumed", "1s", 3);
+    let checker = Checker::start(&pair);
+    sleep(Duration::from_secs(2));
+    pair.node1.stop("fast");
+    pair.node2
+        .expect_log("announced a clean shutdown", Duration::from_secs(10));
+    pair.node2.kill_keeper("-TERM");
+    pair.node2.expect_log(
+        "the primary's planned restart is still under way",
+        Duration::from_secs(15),
+    );
+    // Well past the 3 s budget, within the 30 s grace.
+    sleep(Duration::from_secs(8));
+    assert_eq!(
+        pair.node2.in_recovery(),
+        Some(true),
+        "the restarted standby keeper failed over during the grace:\n{}",
+        pair.node2.keeper_log().join("\n")
+    );
+    let back = Instant::now();
+    pair.node1.start();
+    assert!(
+        time_until(Duration::from_secs(30), || first_write_after(
+            &checker, back
+        )
+        .is_some())
+        .is_some(),
+        "no write on node1 within 30 s after it started again"
+    );
+    pair.node2
+        .expect_title("standby mode:connected", Duration::from_secs(20));
+    assert!(
+        pair.after_commands().is_empty(),
+        "{:?}",
+        pair.after_commands()
+    );
+    let verdict = checker.finish(&pair);
+    assert_eq!(verdict.final_primary, Some("node1"), "{verdict:?}");
+    assert!(
+        verdict.lost.is_empty(),
+        "acknowledged rows lost: {verdict:?}"
+    );
+}

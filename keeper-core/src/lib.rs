@@ -710,7 +710,7 @@ pub struct Keeper {
 /// (Standby.) A planned restart of the primary, from its announcement until this standby's
 /// WAL receiver streams again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PeerRestart {
+pub struct PeerRestart {
     /// When the primary announced its clean shutdown.
     announced_ms: u64,
     /// When it answered again, if it has.
@@ -730,7 +730,9 @@ impl PeerRestart {
 
 /// What a restarted worker needs to go on where the last one stopped: the worker keeps it in
 /// shared memory, which lasts as long as the server runs. The log's once-per-reason memory and
-/// the promotion request time are not kept (a resumed promotion is asked for again).
+/// the promotion request time are not kept (a resumed promotion is asked for again). Its times
+/// are on the core's clock, which must go on across a worker's restart (the worker's clock
+/// starts with the server's first worker).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Memory {
     pub mode: Mode,
@@ -740,6 +742,9 @@ pub struct Memory {
     pub trust: SyncTrust,
     pub pending: [Option<Action>; MAX_ACTIONS],
     pub lease_may_name_standby: bool,
+    /// (Standby.) A planned restart of the primary under way: a worker restarted during its
+    /// grace keeps not counting failures.
+    pub restart: Option<PeerRestart>,
 }
 
 /// Answers in a row that must miss a streaming standby before that is warned about (see
@@ -883,11 +888,13 @@ impl Keeper {
             trust: self.trust,
             pending,
             lease_may_name_standby: self.lease_may_name_standby,
+            restart: self.restart,
         }
     }
 
     /// A keeper that goes on from `m`: same mode, count and trust, the same actions still to
-    /// perform; a promotion under way is asked for again.
+    /// perform, a planned restart of the primary still under way; a promotion under way is
+    /// asked for again.
     pub fn resume(m: &Memory) -> Keeper {
         Keeper {
             mode: m.mode,
@@ -898,6 +905,7 @@ impl Keeper {
             trust: m.trust,
             pending: m.pending.iter().flatten().copied().collect(),
             lease_may_name_standby: m.lease_may_name_standby,
+            restart: m.restart,
             ..Keeper::new()
         }
     }
@@ -938,7 +946,7 @@ impl Keeper {
 
     /// (Standby.) The primary announced a clean shutdown less than `restart_grace_ms` before
     /// `now_ms` and has not answered since.
-    fn in_restart_grace(&self, now_ms: u64, s: &Settings) -> bool {
+    pub fn in_restart_grace(&self, now_ms: u64, s: &Settings) -> bool {
         self.restart.is_some_and(|r| {
             r.back_ms.is_none() && now_ms < r.announced_ms.saturating_add(s.restart_grace_ms)
         })

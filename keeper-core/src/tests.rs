@@ -1744,6 +1744,31 @@ fn a_planned_restart_of_the_primary_is_not_failed_over_even_at_one_failure() {
 }
 
 #[test]
+fn a_worker_restarted_during_the_grace_keeps_it() {
+    let (mut k, s) = standby_connected(1);
+    let s = with_grace(s, 30_000);
+    k.step(&restart_tick(100, no_answer(), false, Some(100)), &s);
+    // The worker restarts (its clock goes on): the new one still counts nothing.
+    let mut r = Keeper::resume(&k.memory());
+    assert!(r.in_restart_grace(5_000, &s));
+    assert!(r.polls_fast(5_000, &s));
+    let d = r.step(&restart_tick(5_000, no_answer(), false, None), &s);
+    assert_eq!((d.event, d.to), (E::PeerRestarting, StandbyConnected));
+    assert_eq!(r.failures(), 0);
+    // Back: woken as by the first worker.
+    let d = r.step(
+        &restart_tick(6_000, Some(Heartbeat::Answered), false, None),
+        &s,
+    );
+    assert_eq!((d.event, d.actions), (E::PeerBack, vec![WakeWalReceiver]));
+    // A restart after the grace is over: failures count at once.
+    let mut late = Keeper::resume(&k.memory());
+    assert!(!late.in_restart_grace(30_100, &s));
+    let d = late.step(&restart_tick(30_100, no_answer(), false, None), &s);
+    assert_eq!((d.event, d.to), (E::PeerLost, Promoting));
+}
+
+#[test]
 fn a_planned_stop_that_does_not_come_back_is_failed_over_after_the_grace() {
     let (mut k, s) = standby_connected(2);
     let s = with_grace(s, 30_000);

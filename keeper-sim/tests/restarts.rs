@@ -21,6 +21,26 @@ fn config(kt: u64, count: u32, witness: bool) -> Config {
     }
 }
 
+/// Runs `s`: no violation, node2 never promoted nor took a write, and node1 wrote again after
+/// it was started again at `back_at`.
+fn expect_not_failed_over(c: &Config, s: &Schedule, back_at: u64) {
+    let what = format!(
+        "{}x{}, witness {}",
+        c.keepalive_ms, c.keepalive_count, c.witness
+    );
+    let out = run(c, s, true);
+    let trace = out.trace.join("\n");
+    assert!(out.violation.is_none(), "{what}: {s}\n{trace}");
+    assert!(
+        !out.acks.iter().any(|a| a.node == 1) && !trace.contains("promoting this standby"),
+        "{what}: node2 took over after a planned restart: {s}\n{trace}"
+    );
+    assert!(
+        out.acks.iter().any(|a| a.node == 0 && a.at > back_at),
+        "{what}: no commit after the restart: {s}\n{trace}"
+    );
+}
+
 #[test]
 fn a_planned_restart_of_the_primary_is_never_failed_over() {
     let mut runs = 0;
@@ -36,31 +56,40 @@ fn a_planned_restart_of_the_primary_is_never_failed_over() {
                         faults: vec![(at, Fault::CleanStop(0)), (at + down_ms, Fault::Start(0))],
                         heal_at: at + down_ms + 1000,
                     };
-                    let out = run(&c, &s, true);
-                    let trace = out.trace.join("\n");
-                    assert!(
-                        out.violation.is_none(),
-                        "{kt}x{count}, witness {witness}: {s}\n{trace}"
-                    );
-                    assert!(
-                        !out.acks.iter().any(|a| a.node == 1),
-                        "{kt}x{count}, witness {witness}: node2 took over after a planned restart: {s}\n{trace}"
-                    );
-                    assert!(
-                        !trace.contains("promoting this standby"),
-                        "{kt}x{count}, witness {witness}: {s}\n{trace}"
-                    );
-                    // node1 writes again after its restart.
-                    assert!(
-                        out.acks.iter().any(|a| a.node == 0 && a.at > at + down_ms),
-                        "{kt}x{count}, witness {witness}: no commit after the restart: {s}\n{trace}"
-                    );
+                    expect_not_failed_over(&c, &s, at + down_ms);
                     runs += 1;
                 }
             }
         }
     }
     assert_eq!(runs, 3 * 2 * 12 * 2);
+}
+
+/// The standby's keeper worker restarts while the primary is down for a planned restart (at
+/// three points of it), and the primary stays away well past the failover budget: the new
+/// worker keeps the grace, so nothing is failed over, and writes go on after the restart.
+#[test]
+fn a_standby_worker_restarted_during_a_planned_restart_keeps_the_grace() {
+    for (kt, count) in SETTINGS {
+        for witness in [false, true] {
+            let c = config(kt, count, witness);
+            let budget = kt * count as u64;
+            let down_ms = 2 * budget.max(c.lease_ms()) + 3000;
+            for (i, into) in [50, down_ms / 3, 2 * down_ms / 3].into_iter().enumerate() {
+                let at = 1000 + kt / 3;
+                let s = Schedule {
+                    seed: i as u64,
+                    faults: vec![
+                        (at, Fault::CleanStop(0)),
+                        (at + into, Fault::RestartWorker(1)),
+                        (at + down_ms, Fault::Start(0)),
+                    ],
+                    heal_at: at + down_ms + 2000,
+                };
+                expect_not_failed_over(&c, &s, at + down_ms);
+            }
+        }
+    }
 }
 
 /// Without the grace (0), the same restarts at `5s x 1` are failed over when a heartbeat lands

@@ -58,7 +58,8 @@ struct Worker {
     identity: Option<Identity>,
     peer: Option<Box<Node>>,
     after: AfterCommands,
-    started: Instant,
+    /// Where the core's clock starts (see [`status::clock_origin`]).
+    clock_origin: Instant,
     last_tick: Option<Instant>,
     /// The next tick comes after this rather than a full interval (once): soon after a first
     /// hold by the WAL receiver guard, or when the lease that holds a promotion expires.
@@ -95,7 +96,7 @@ impl Worker {
             identity: None,
             peer: None,
             after: AfterCommands::default(),
-            started: Instant::now(),
+            clock_origin: status::clock_origin(),
             last_tick: None,
             recheck_after: None,
             peer_announced_shutdown_ms: None,
@@ -325,7 +326,7 @@ impl Worker {
     fn serve_deadline(&self) -> Option<Instant> {
         self.witness.as_ref()?;
         let ms = self.keeper.serve_deadline_ms(&self.core_settings())?;
-        Some(self.started + Duration::from_millis(ms))
+        Some(self.clock_origin + Duration::from_millis(ms))
     }
 
     /// How long one call (heartbeat, lease statement) may wait: an interval, and no later than
@@ -337,7 +338,7 @@ impl Worker {
 
     /// Milliseconds on the worker's monotonic clock (the core's clock).
     fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.clock_origin.elapsed().as_millis() as u64
     }
 
     fn tick(&mut self) {
@@ -409,11 +410,19 @@ impl Worker {
                     Some(m) => {
                         self.keeper = Keeper::resume(&m);
                         let pending = m.pending.iter().flatten().count();
+                        let grace = if self
+                            .keeper
+                            .in_restart_grace(self.now_ms(), &self.core_settings())
+                        {
+                            "; the primary's planned restart is still under way (not counting failed heartbeats until pg_keeper.restart_grace is over)"
+                        } else {
+                            ""
+                        };
                         self.event(
                             "resumed_after_restart",
                             Level::Log,
                             &format!(
-                                "the keeper worker was restarted; going on in {} with {pending} action(s) of the last decision still to perform",
+                                "the keeper worker was restarted; going on in {} with {pending} action(s) of the last decision still to perform{grace}",
                                 m.mode
                             ),
                             None,
