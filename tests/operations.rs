@@ -341,3 +341,52 @@ fn a_switchover_loses_no_committed_row_and_reports_the_outage() {
     assert!(outage < Duration::from_secs(60));
     assert!(said.contains("commits waited"), "{said}");
 }
+
+/// Without PGBIN, bin/rejoin and bin/switchover run the programs of the data directory's major
+/// (Debian's layout), and when those are missing they say so and what to set, before doing
+/// anything. Once they ran PostgreSQL 15's programs on any data directory: pg_rewind 15 on a
+/// PostgreSQL 17 node failed with "clusters are not compatible".
+#[test]
+fn the_scripts_run_the_data_directorys_major_or_say_to_set_pgbin() {
+    let dir = std::env::temp_dir().join(format!("pg_keeper_rs_pgbin_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("PG_VERSION"), "99\n").unwrap();
+    let datadir = dir.to_str().unwrap();
+    let run = |name: &str, args: &[&str]| {
+        let out = common::script(name)
+            .env_remove("PGBIN")
+            .args(["--datadir", datadir])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.success(), common::output_text(&out))
+    };
+    let primary = ["--primary", "host=127.0.0.1 port=1 user=postgres"];
+    let (ok, said) = run("rejoin", &[&primary[..], &["--name", "node1"]].concat());
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("no pg_rewind in /usr/lib/postgresql/99/bin: set PGBIN to the bin directory of PostgreSQL 99"),
+        "{said}"
+    );
+    let standby = ["--standby", "host=127.0.0.1 port=2 user=postgres"];
+    let (ok, said) = run(
+        "switchover",
+        &[&primary[..], &standby[..], &["--name", "node1"]].concat(),
+    );
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("no pg_ctl in /usr/lib/postgresql/99/bin: set PGBIN to the bin directory of PostgreSQL 99"),
+        "{said}"
+    );
+    // A major whose programs are there (Debian's 15) is taken: the script goes on to the next
+    // step (here the unreachable primary).
+    std::fs::write(dir.join("PG_VERSION"), "15\n").unwrap();
+    let (ok, said) = run(
+        "switchover",
+        &[&primary[..], &standby[..], &["--name", "node1"]].concat(),
+    );
+    assert!(!ok, "{said}");
+    assert!(!said.contains("set PGBIN"), "{said}");
+    assert!(said.contains("is not a primary"), "{said}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

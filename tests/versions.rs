@@ -481,8 +481,8 @@ fn expect_sync_restored(primary: &Node, standby: &str) {
 /// PostgreSQL 17's failover slots (README "Failover slots"): a logical consumer goes on from the
 /// synchronized slot on the new primary without losing a change, after a `kill -9` and a
 /// promotion by the keeper, and again after a failover back; the old primary, rejoined by
-/// bin/rejoin and then by auto_rejoin, synchronizes the slot again as a standby. Run on 17 and
-/// later.
+/// bin/rejoin and then by auto_rejoin, synchronizes the slot again as a standby; then the same
+/// across bin/switchover. Run on 17 and later.
 #[test]
 fn failover_slots_keep_a_logical_consumer_going_across_failovers_and_rejoins() {
     let pair = Pair::connected(
@@ -495,6 +495,8 @@ fn failover_slots_keep_a_logical_consumer_going_across_failovers_and_rejoins() {
     );
     require_major(&pair.node1, 17, "sync_replication_slots");
     let (node1, node2) = (&pair.node1, &pair.node2);
+    // For bin/switchover's pause of the keepers.
+    pair.create_extension();
     node1.sql("CREATE TABLE t (i int)").unwrap();
     node1
         .sql(
@@ -569,9 +571,28 @@ fn failover_slots_keep_a_logical_consumer_going_across_failovers_and_rejoins() {
     insert(node1, 10..=10);
     consumer.consume(node1);
     consumer.wait_synced(node1, node2);
-    assert_eq!(consumer.seen, (1..=10).collect::<Vec<_>>(), "at the end");
+    assert_eq!(
+        consumer.seen,
+        (1..=10).collect::<Vec<_>>(),
+        "after auto_rejoin"
+    );
+
+    // bin/switchover back to node2 (committed, not yet consumed, before it): the consumer goes
+    // on from node2's synchronized slot, and node1, rejoined by the script, synchronizes it.
+    insert(node1, 11..=11);
+    let (ok, said) = pair.switchover();
+    assert!(ok, "bin/switchover failed:\n{said}");
+    assert_eq!(node2.in_recovery(), Some(false), "{said}");
+    assert_eq!(node1.in_recovery(), Some(true), "{said}");
+    expect_sync_restored(node2, "node1");
+    expect_standby_slots(node1, "node2");
+    consumer.consume(node2);
+    insert(node2, 12..=12);
+    consumer.consume(node2);
+    consumer.wait_synced(node2, node1);
+    assert_eq!(consumer.seen, (1..=12).collect::<Vec<_>>(), "at the end");
     eprintln!(
-        "[failover-slots] PostgreSQL {}: two failovers, two rejoins, {} changes, none lost, in {} s",
+        "[failover-slots] PostgreSQL {}: two failovers, two rejoins, a switchover, {} changes, none lost, in {} s",
         major(node1),
         consumer.seen.len(),
         began.elapsed().as_secs()

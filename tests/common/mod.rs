@@ -762,7 +762,7 @@ pg_keeper.after_command = 'echo \"$PG_KEEPER_EVENT $PG_KEEPER_NODE_NAME $PG_KEEP
     /// Runs bin/switchover from node1 (the primary) to node2; returns whether it succeeded and
     /// what it said.
     pub fn switchover(&self) -> (bool, String) {
-        let out = Command::new(format!("{}/bin/switchover", env!("CARGO_MANIFEST_DIR")))
+        let out = script("switchover")
             .arg("--datadir")
             .arg(&self.node1.dir)
             .args([
