@@ -344,10 +344,10 @@ fn a_switchover_loses_no_committed_row_and_reports_the_outage() {
 
 /// Without PGBIN, bin/rejoin and bin/switchover run the programs of the data directory's major
 /// (Debian's layout), and when those are missing they say so and what to set, before doing
-/// anything. Once they ran PostgreSQL 15's programs on any data directory: pg_rewind 15 on a
+/// anything; a primary that cannot be reached is said so, never with its password. Once they ran PostgreSQL 15's programs on any data directory: pg_rewind 15 on a
 /// PostgreSQL 17 node failed with "clusters are not compatible".
 #[test]
-fn the_scripts_run_the_data_directorys_major_or_say_to_set_pgbin() {
+fn the_scripts_run_the_data_directorys_major_and_never_print_a_password() {
     let dir = std::env::temp_dir().join(format!("pg_keeper_rs_pgbin_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("PG_VERSION"), "99\n").unwrap();
@@ -361,7 +361,10 @@ fn the_scripts_run_the_data_directorys_major_or_say_to_set_pgbin() {
             .unwrap();
         (out.status.success(), common::output_text(&out))
     };
-    let primary = ["--primary", "host=127.0.0.1 port=1 user=postgres"];
+    let primary = [
+        "--primary",
+        "host=127.0.0.1 port=1 user=postgres password=secret",
+    ];
     let (ok, said) = run("rejoin", &[&primary[..], &["--name", "node1"]].concat());
     assert!(!ok, "{said}");
     assert!(
@@ -379,7 +382,7 @@ fn the_scripts_run_the_data_directorys_major_or_say_to_set_pgbin() {
         "{said}"
     );
     // A major whose programs are there (Debian's 15) is taken: the script goes on to the next
-    // step (here the unreachable primary).
+    // step, and says it cannot reach the primary, without its password.
     std::fs::write(dir.join("PG_VERSION"), "15\n").unwrap();
     let (ok, said) = run(
         "switchover",
@@ -387,6 +390,21 @@ fn the_scripts_run_the_data_directorys_major_or_say_to_set_pgbin() {
     );
     assert!(!ok, "{said}");
     assert!(!said.contains("set PGBIN"), "{said}");
-    assert!(said.contains("is not a primary"), "{said}");
+    assert!(
+        said.contains(
+            "cannot connect to the primary (host=127.0.0.1 port=1 user=postgres password=...)"
+        ),
+        "{said}"
+    );
+    assert!(!said.contains("secret"), "{said}");
+    let (ok, said) = run("rejoin", &[&primary[..], &["--name", "node1"]].concat());
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains(
+            "cannot connect to the new primary (host=127.0.0.1 port=1 user=postgres password=...)"
+        ),
+        "{said}"
+    );
+    assert!(!said.contains("secret"), "{said}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
