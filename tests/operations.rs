@@ -368,7 +368,7 @@ fn the_scripts_run_the_data_directorys_major_and_never_print_a_password() {
     let (ok, said) = run("rejoin", &[&primary[..], &["--name", "node1"]].concat());
     assert!(!ok, "{said}");
     assert!(
-        said.contains("no pg_rewind in /usr/lib/postgresql/99/bin: set PGBIN to the bin directory of PostgreSQL 99"),
+        said.contains("no pg_ctl in /usr/lib/postgresql/99/bin: set PGBIN to the bin directory of PostgreSQL 99"),
         "{said}"
     );
     let standby = ["--standby", "host=127.0.0.1 port=2 user=postgres"];
