@@ -116,7 +116,7 @@ impl Worker {
         self.publish_trust(self.keeper.trusts_standby());
         let lease = self.observe_lease(mode, in_recovery, my_timeline, sync_standby_now);
         let obs = Observation {
-            now_ms: self.clock_origin.elapsed().as_millis() as u64,
+            now_ms: self.now_ms(),
             tick_started_ms,
             in_recovery,
             sync_configured,
